@@ -1,0 +1,3 @@
+from klora.layers.lora_dense import LoRADense
+from klora.layers.lora_einsum_dense import LoRAEinsumDense
+from klora.layers.lora_layer import LoRALayer

@@ -1,0 +1,80 @@
+"""Fold adapters into their kernels and back, or remove klora from a model."""
+
+import keras
+
+from klora.adapted_model import AdaptedModel, forget_adapters
+from klora.apply import LORA_CLASSES, adapted_layers
+
+
+def _require_adapters(model):
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no LoRA layers: call `klora.apply(model)` first."
+        )
+    return layers
+
+
+def _reset_compiled_functions(model):
+    # Compiled train/test/predict functions captured the layers' merged state.
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, keras.Model):
+            layer.train_function = layer.test_function = layer.predict_function = None
+
+
+def merge(model):
+    """Folds every adapter into its kernel: `W += scale * A @ B`.
+
+    The forward pass then runs the plain base computation (the base model's
+    cost); `unmerge` undoes it. Call it on the outermost model you will run,
+    so that its compiled functions are rebuilt.
+
+    >>> klora.merge(classifier)
+    >>> classifier.predict(x)   # same outputs, base-model speed
+    """
+    for layer in _require_adapters(model):
+        layer.merge()
+    _reset_compiled_functions(model)
+    return model
+
+
+def unmerge(model):
+    """Subtracts every merged adapter from its kernel again: `W -= scale * A @ B`."""
+    for layer in _require_adapters(model):
+        layer.unmerge()
+    _reset_compiled_functions(model)
+    return model
+
+
+def _remove_adapter(layer):
+    layer.merge()
+    base_class = next(base for base, lora in LORA_CLASSES.items() if isinstance(layer, lora))
+    for variable in (layer.lora_a, layer.lora_b):
+        layer._untrack_variable(variable)
+    if layer.lora_seed_generator is not None:
+        layer._tracker.untrack(layer.lora_seed_generator)
+        layer._post_untrack_variable(layer.lora_seed_generator.state)
+    for name in ("lora_a", "lora_b", "lora_seed_generator", "rank", "alpha",
+                 "lora_dropout", "use_rslora", "init", "seed", "merged"):
+        if name in vars(layer):
+            object.__delattr__(layer, name)
+    layer.__class__ = base_class
+
+
+def unload(model):
+    """Merges every adapter and turns the LoRA layers back into plain Keras layers.
+
+    What remains is the original model class with the adapted kernels; it saves
+    and loads without klora. Base weights stay frozen, as in PEFT's
+    `merge_and_unload`; set `variable.trainable = True` to train them.
+
+    >>> plain = klora.unload(classifier)
+    >>> plain.save("merged.keras")   # loads without klora installed
+    """
+    for layer in _require_adapters(model):
+        _remove_adapter(layer)
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, AdaptedModel):
+            forget_adapters(layer)
+    _reset_compiled_functions(model)
+    return model
