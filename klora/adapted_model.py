@@ -34,11 +34,14 @@ class AdaptedModel:
         finally:
             self.__class__ = adapted_class
         adapters = {}
+        active = None
         for path in self._klora_paths:
             layer = find_layer(self, path)
             if isinstance(layer, LoRALayer):
                 adapters[path] = layer.lora_config()
-        return {"model": model, "adapters": adapters}
+                active = active or layer.active_adapter
+        # Only the active adapter is saved (in the layers' variables).
+        return {"model": model, "adapters": adapters, "active_adapter": active}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -48,7 +51,8 @@ class AdaptedModel:
             config["model"], custom_objects=custom_objects
         )
         for path, settings in config["adapters"].items():
-            adapt_layer(find_layer(model, path), **settings)
+            adapt_layer(find_layer(model, path), **settings,
+                        adapter_name=config.get("active_adapter") or "default")
         freeze_base_weights(model)
         record_adapters(model, list(config["adapters"]))
         return model

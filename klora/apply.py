@@ -7,7 +7,7 @@ import keras
 
 from klora.adapted_model import AdaptedModel, adapted_class
 from klora.layers import LoRADense, LoRAEinsumDense, LoRALayer
-from klora.layers.lora_layer import check_lora_arguments
+from klora.layers.lora_layer import DEFAULT_ADAPTER, check_lora_arguments
 
 LORA_CLASSES = {keras.layers.Dense: LoRADense, keras.layers.EinsumDense: LoRAEinsumDense}
 ALL_LINEAR = "all-linear"
@@ -27,11 +27,12 @@ def adapted_layers(model):
 
 
 def adapt_layer(layer, rank=8, alpha=None, lora_dropout=0.0, use_rslora=False,
-                init="kaiming", seed=None, merged=False):
+                init="kaiming", seed=None, merged=False, adapter_name=DEFAULT_ADAPTER):
     """Turns one built `Dense` or `EinsumDense` into its LoRA class in place.
 
     The layer keeps its name, path, kernel and bias (now frozen); `lora_a` and
-    `lora_b` are added. Raises a `ValueError` for other layer types.
+    `lora_b` are added and hold the active adapter `adapter_name`. Raises a
+    `ValueError` for other layer types.
     """
     lora_class = LORA_CLASSES.get(type(layer))
     if lora_class is None:
@@ -49,7 +50,8 @@ def adapt_layer(layer, rank=8, alpha=None, lora_dropout=0.0, use_rslora=False,
     base_class = type(layer)
     layer.__class__ = lora_class
     try:
-        layer._init_lora(rank, alpha, lora_dropout, use_rslora, init, seed, merged)
+        layer._init_lora(rank, alpha, lora_dropout, use_rslora, init, seed, merged,
+                         adapter_name)
         layer._build_lora()
     except Exception:
         layer.__class__ = base_class
@@ -62,7 +64,8 @@ def record_adapters(model, paths):
     if not isinstance(model, AdaptedModel):
         model.__class__ = adapted_class(type(model))
         object.__setattr__(model, "_klora_paths", ())
-    object.__setattr__(model, "_klora_paths", model._klora_paths + tuple(paths))
+    new = tuple(p for p in paths if p not in model._klora_paths)
+    object.__setattr__(model, "_klora_paths", model._klora_paths + new)
 
 
 def _matches(target, layer):
@@ -93,6 +96,7 @@ def apply(
     use_rslora=False,
     init="kaiming",
     seed=None,
+    adapter_name=DEFAULT_ADAPTER,
 ):
     """Adds LoRA adapters to a built Keras model in place and freezes its base weights.
 
@@ -115,6 +119,8 @@ def apply(
         use_rslora: Scale by `alpha / sqrt(rank)` (rank-stabilized LoRA).
         init: `"kaiming"` (PEFT's default) or `"gaussian"` initialization of A.
         seed: Optional integer seed for the initializers and dropout.
+        adapter_name: Name of the adapter. A model can hold several named
+            adapters (see `klora.set_adapter`); adding one makes it active.
 
     Returns:
         `model`, adapted.
@@ -154,13 +160,20 @@ def apply(
             f"(exclude={tuple(exclude)}). Linear layers it has: {names}. Targets "
             f"are layer names, full-match regexes on `layer.path`, or '{ALL_LINEAR}'."
         )
-    already = [l.path for l in chosen if isinstance(l, LoRALayer)]
+    already = [l.path for l in chosen
+               if isinstance(l, LoRALayer) and adapter_name in l.adapter_names]
     if already:
         raise ValueError(
-            f"Layers already adapted: {already}. Call `klora.unload(model)` first or "
-            "choose other targets."
+            f"Layers already adapted (adapter {adapter_name!r}): {already}. Call "
+            "`klora.unload(model)` first, choose other targets, or pass another "
+            "`adapter_name`."
         )
-    unsupported = [f"{l.path} ({type(l).__name__})" for l in chosen if type(l) not in LORA_CLASSES]
+    existing = adapted_layers(model)
+    if any(l.merged for l in existing):
+        raise ValueError("The model's adapters are merged: call `klora.unmerge(model)` "
+                         "before adding adapters.")
+    unsupported = [f"{l.path} ({type(l).__name__})" for l in chosen
+                   if type(l) not in LORA_CLASSES and not isinstance(l, LoRALayer)]
     if unsupported:
         raise ValueError(
             f"Targets matched layers klora cannot adapt: {unsupported}. Only "
@@ -174,7 +187,8 @@ def apply(
                     use_rslora=use_rslora, init=init, seed=seed)
     # Check every layer can take the rank before changing any of them.
     for layer in chosen:
-        in_dims, out_dims = LORA_CLASSES[type(layer)]._lora_shapes(layer)
+        lora_class = type(layer) if isinstance(layer, LoRALayer) else LORA_CLASSES[type(layer)]
+        in_dims, out_dims = lora_class._lora_shapes(layer)
         width = min(math.prod(in_dims), math.prod(out_dims))
         if rank > width:
             raise ValueError(
@@ -183,8 +197,15 @@ def apply(
                 f"rank between 1 and {width}."
             )
     for layer in chosen:
-        adapt_layer(layer, **settings)
+        if isinstance(layer, LoRALayer):
+            layer.add_adapter(adapter_name, settings)
+        else:
+            adapt_layer(layer, **settings, adapter_name=adapter_name)
     freeze_base_weights(model)
     record_adapters(model, paths)
+    if existing:
+        from klora.adapters import set_adapter
+
+        set_adapter(model, adapter_name)
     return model
 

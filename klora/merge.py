@@ -46,18 +46,11 @@ def unmerge(model):
     return model
 
 
-def _remove_adapter(layer):
-    layer.merge()
+def _remove_adapter(layer, merge=True):
+    if merge:
+        layer.merge()
     base_class = next(base for base, lora in LORA_CLASSES.items() if isinstance(layer, lora))
-    for variable in (layer.lora_a, layer.lora_b):
-        layer._untrack_variable(variable)
-    if layer.lora_seed_generator is not None:
-        layer._tracker.untrack(layer.lora_seed_generator)
-        layer._post_untrack_variable(layer.lora_seed_generator.state)
-    for name in ("lora_a", "lora_b", "lora_seed_generator", "rank", "alpha",
-                 "lora_dropout", "use_rslora", "init", "seed", "merged"):
-        if name in vars(layer):
-            object.__delattr__(layer, name)
+    layer._drop_lora()
     layer.__class__ = base_class
 
 

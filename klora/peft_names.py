@@ -1,0 +1,121 @@
+"""Hugging Face module names of keras-hub BERT and DistilBERT layers.
+
+PEFT keys an adapter by the `transformers` module it adapts, e.g.
+`encoder.layer.0.attention.self.query` for the keras-hub layer
+`transformer_layer_0/self_attention_layer/query`. A Task (e.g.
+`BertTextClassifier`) corresponds to a `*ForSequenceClassification` model:
+its backbone's modules get the `bert.` / `distilbert.` prefix and its head
+layers are `classifier` (keras `logits`) and, for DistilBERT,
+`pre_classifier` (keras `pooled_dense`). Layers without such a name (other
+models) are keyed by their keras `layer.path`.
+
+Both libraries flatten a kernel's input and output axes in the same order
+(heads major, head dimension minor), so a keras `A: (fan_in, r)` is PEFT's
+`lora_A.weight` transposed, `[r, fan_in]`, and likewise for `B`.
+
+>>> peft_module_names(keras_hub.models.BertTextClassifier(...))["bert.pooler.dense"].path
+'pooled_dense'
+"""
+
+import re
+
+import keras
+
+BERT = "bert"
+DISTIL_BERT = "distilbert"
+
+# keras-hub path inside a transformer layer -> Hugging Face name inside layer N.
+_LAYER_NAMES = {
+    BERT: {
+        "self_attention_layer/query": "attention.self.query",
+        "self_attention_layer/key": "attention.self.key",
+        "self_attention_layer/value": "attention.self.value",
+        "self_attention_layer/attention_output": "attention.output.dense",
+        "feedforward_intermediate_dense": "intermediate.dense",
+        "feedforward_output_dense": "output.dense",
+    },
+    DISTIL_BERT: {
+        "self_attention_layer/query": "attention.q_lin",
+        "self_attention_layer/key": "attention.k_lin",
+        "self_attention_layer/value": "attention.v_lin",
+        "self_attention_layer/attention_output": "attention.out_lin",
+        "feedforward_intermediate_dense": "ffn.lin1",
+        "feedforward_output_dense": "ffn.lin2",
+    },
+}
+_STACK = {BERT: "encoder.layer", DISTIL_BERT: "transformer.layer"}
+_BACKBONE_EXTRA = {BERT: {"pooled_dense": "pooler.dense"}, DISTIL_BERT: {}}
+_HEADS = {
+    BERT: {"logits": "classifier"},
+    DISTIL_BERT: {"pooled_dense": "pre_classifier", "logits": "classifier"},
+}
+# The transformers classes a klora model corresponds to: (backbone, task).
+HF_CLASSES = {
+    BERT: ("BertModel", "BertForSequenceClassification"),
+    DISTIL_BERT: ("DistilBertModel", "DistilBertForSequenceClassification"),
+}
+
+
+def architecture(model):
+    """`"bert"`, `"distilbert"` or `None` (another model) for a backbone or Task."""
+    import keras_hub
+
+    backbone = getattr(model, "backbone", model)
+    if isinstance(backbone, keras_hub.models.DistilBertBackbone):
+        return DISTIL_BERT
+    if isinstance(backbone, keras_hub.models.BertBackbone):
+        return BERT
+    return None
+
+
+def is_task(model):
+    """Whether `model` is a Task wrapping a backbone (its names get a prefix)."""
+    return isinstance(getattr(model, "backbone", None), keras.layers.Layer)
+
+
+def architecture_of_module(name):
+    """The architecture a Hugging Face module name belongs to, or `None`."""
+    if re.match(r"(bert\.)?(encoder\.layer\.\d+|pooler)\.", name):
+        return BERT
+    if re.match(r"(distilbert\.)?transformer\.layer\.\d+\.", name):
+        return DISTIL_BERT
+    return None
+
+
+def _backbone_name(arch, path):
+    for keras_suffix, hf_suffix in _LAYER_NAMES[arch].items():
+        match = re.fullmatch(rf"(?:.*/)?transformer_layer_(\d+)/{keras_suffix}", path)
+        if match:
+            return f"{_STACK[arch]}.{match.group(1)}.{hf_suffix}"
+    return _BACKBONE_EXTRA[arch].get(path)
+
+
+def _linear_layers(layer, include_self=False):
+    return [l for l in layer._flatten_layers(include_self=include_self)
+            if isinstance(l, (keras.layers.Dense, keras.layers.EinsumDense))]
+
+
+def peft_module_names(model):
+    """`{module name: layer}` for every `Dense` / `EinsumDense` layer of `model`.
+
+    The name is the Hugging Face module name for BERT / DistilBERT layers
+    and the keras `layer.path` otherwise.
+    """
+    arch = architecture(model)
+    names = {}
+    if is_task(model):
+        backbone = model.backbone
+        prefix = f"{arch}." if arch else ""
+        inner = {id(l) for l in _linear_layers(backbone, include_self=True)}
+        for layer in _linear_layers(backbone, include_self=True):
+            name = _backbone_name(arch, layer.path) if arch else None
+            names[prefix + name if name else layer.path] = layer
+        for layer in _linear_layers(model):
+            if id(layer) not in inner:
+                name = _HEADS[arch].get(layer.path) if arch else None
+                names[name or layer.path] = layer
+    else:
+        for layer in _linear_layers(model):
+            name = _backbone_name(arch, layer.path) if arch else None
+            names[name or layer.path] = layer
+    return names

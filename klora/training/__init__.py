@@ -1,0 +1,6 @@
+from klora.training.arguments import (add_training_arguments, check_training_arguments,
+                                      lora_targets)
+from klora.training.checkpoint import ResumableTraining
+from klora.training.fine_tune import adamw_with_warmup, fine_tune
+from klora.training.plot import plot_history
+from klora.training.evaluation import EpochEvaluation

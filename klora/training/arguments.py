@@ -1,0 +1,79 @@
+"""Command-line flags every klora recipe shares, with one validation pass.
+
+>>> parser = argparse.ArgumentParser()
+>>> add_training_arguments(parser, output_dir="runs/ner", learning_rate=5e-4)
+>>> args = parser.parse_args([...]); check_training_arguments(args)
+"""
+
+from klora.distribution import add_distribution_arguments
+
+
+def add_training_arguments(parser, **defaults):
+    """Adds the model, data, LoRA and optimisation flags; `defaults` override values."""
+    values = dict(preset="distil_bert_base_en_uncased", data=None, validation_data=None,
+                  validation_fraction=0.1, rank=8, alpha=16.0, dropout=0.1,
+                  targets="query,value", learning_rate=5e-4, batch_size=32, epochs=3,
+                  max_length=128, patience=2, seed=42, output_dir="runs/out")
+    values.update(defaults)
+    add = parser.add_argument
+    add("--preset", default=values["preset"],
+        help="keras-hub preset name, local model folder (keras-hub or Hugging Face layout), "
+             "or 'minilm' for the offline all-MiniLM-L6-v2 package")
+    add("--data", default=values["data"], help="tensorflow-datasets name or a local file")
+    add("--validation-data", default=values["validation_data"],
+        help="validation file, or split name of a tfds set (default: its 'validation' "
+             "split, else a held-out --validation-fraction)")
+    add("--validation-fraction", type=float, default=values["validation_fraction"])
+    add("--rank", type=int, default=values["rank"], help="LoRA rank")
+    add("--alpha", type=float, default=values["alpha"], help="LoRA scale numerator")
+    add("--dropout", type=float, default=values["dropout"], help="LoRA dropout")
+    add("--targets", default=values["targets"],
+        help="comma-separated layer names or path regexes, or 'all-linear'")
+    add("--learning-rate", type=float, default=values["learning_rate"])
+    add("--batch-size", type=int, default=values["batch_size"])
+    add("--epochs", type=int, default=values["epochs"])
+    add("--max-length", type=int, default=values["max_length"],
+        help="longest token sequence, special tokens included")
+    add("--patience", type=int, default=values["patience"],
+        help="stop after this many epochs without a better validation score")
+    add("--seed", type=int, default=values["seed"])
+    add("--output-dir", default=values["output_dir"])
+    add_distribution_arguments(parser)
+    return parser
+
+
+def check_training_arguments(args):
+    """Raises one `ValueError` listing every out-of-range flag."""
+    problems = []
+    if args.rank < 1:
+        problems.append(f"--rank must be >= 1 (got {args.rank})")
+    if not 0 <= args.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1) (got {args.dropout})")
+    for flag in ("learning_rate", "alpha"):
+        if getattr(args, flag) <= 0:
+            problems.append(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
+    for flag in ("batch_size", "epochs", "patience"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.max_length < 8:
+        problems.append(f"--max-length must be >= 8 (got {args.max_length})")
+    if not 0 < args.validation_fraction < 1:
+        problems.append(f"--validation-fraction must be in (0, 1) (got {args.validation_fraction})")
+    if args.model_parallel < 1:
+        problems.append(f"--model-parallel must be >= 1 (got {args.model_parallel})")
+    if args.distribution != "none":
+        import keras
+
+        if keras.backend.backend() != "jax":
+            problems.append(f"--distribution {args.distribution} uses keras.distribution, which "
+                            f"needs the JAX backend (KERAS_BACKEND={keras.backend.backend()}): "
+                            "set KERAS_BACKEND=jax or use --distribution none")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def lora_targets(args):
+    """The `targets` argument of `klora.apply` from `--targets`."""
+    if args.targets == "all-linear":
+        return "all-linear"
+    return tuple(t.strip() for t in args.targets.split(",") if t.strip())

@@ -1,0 +1,139 @@
+"""Fine-tune a BERT/DistilBERT sentence classifier with LoRA (sentiment by default).
+
+    python recipes/sentiment.py demo        # offline: shipped sample + all-MiniLM-L6-v2
+    python recipes/sentiment.py train       # glue/sst2 on distil_bert_base_en_uncased
+    python recipes/sentiment.py train --data reviews.csv --text-column review \\
+        --label-column stars --preset minilm --output-dir runs/reviews
+    python recipes/sentiment.py predict --adapter runs/sentiment/adapter "a joyless film"
+
+`train` writes to --output-dir: adapter/ (PEFT format, with the label map),
+history.json, metrics.json, curves.png and per-epoch checkpoints. Rerunning an
+interrupted command resumes after the last finished epoch.
+"""
+
+import argparse
+import os
+import sys
+
+import keras
+
+import klora
+from klora.atomic import write_json
+from klora.data import TokenBatches, load_text_classification, read_lines
+from klora.distribution import configure_from_arguments, is_primary_process, shard_batches
+from klora.presets import load_text_classifier, max_sequence_length, takes_segment_ids
+from klora.training import add_training_arguments, check_training_arguments, fine_tune, lora_targets
+
+SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+EXAMPLES = [
+    "An absolute delight from start to finish.",
+    "The battery died within a week and support never answered.",
+    "Not bad at all, I would happily go back.",
+    "I wanted to like it, but it was a slog.",
+]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="fine-tune on a data set (tutorial defaults)")
+    add_training_arguments(train, data="glue/sst2", output_dir="runs/sentiment")
+    demo = commands.add_parser("demo", help="offline: the shipped sample on all-MiniLM-L6-v2")
+    add_training_arguments(
+        demo, preset="minilm", data=os.path.join(SAMPLE, "sentiment_train.tsv"),
+        validation_data=os.path.join(SAMPLE, "sentiment_valid.tsv"), learning_rate=1e-3,
+        batch_size=16, epochs=8, patience=3, output_dir="runs/sentiment-demo")
+    for sub in (train, demo):
+        sub.add_argument("--text-column", default=None, help="default: 'text' (files)")
+        sub.add_argument("--label-column", default=None, help="default: 'label' (files)")
+    predict = commands.add_parser("predict", help="label sentences with a trained adapter")
+    predict.add_argument("--adapter", required=True, help="adapter folder written by train")
+    predict.add_argument("--preset", default=None, help="base model (default: the adapter's)")
+    predict.add_argument("--file", default=None, help="a UTF-8 file, one sentence per line")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("texts", nargs="*", help="sentences to label")
+    return parser.parse_args(argv)
+
+
+def train(args):
+    check_training_arguments(args)
+    configure_from_arguments(args)  # --distribution: before any model is built
+    data = load_text_classification(args.data, args.validation_data, args.text_column,
+                                    args.label_column, args.validation_fraction, args.seed)
+    print(f"data: {len(data.train_texts)} training and {len(data.val_texts)} validation "
+          f"examples; labels {data.labels}")
+    keras.utils.set_random_seed(args.seed)
+    classifier, tokenizer = load_text_classifier(args.preset, num_classes=len(data.labels))
+    limit = max_sequence_length(classifier.backbone)
+    if args.max_length > limit:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's limit of {limit}.")
+    klora.apply(classifier.backbone, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                targets=lora_targets(args), seed=args.seed)
+    klora.summary(classifier)
+
+    segments = takes_segment_ids(classifier.backbone)
+    train_batches = TokenBatches(data.train_texts, data.train_ids, tokenizer, args.max_length,
+                                 args.batch_size, segments)
+    val_batches = TokenBatches(data.val_texts, data.val_ids, tokenizer, args.max_length,
+                               args.batch_size, segments)
+    results = fine_tune(
+        classifier, train_batches, val_batches, args,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        monitor="val_accuracy", title=f"LoRA r={args.rank}, {os.path.basename(args.preset)}")
+    loss, accuracy = classifier.evaluate(shard_batches(val_batches).dataset(), verbose=0)
+    results.update(validation_accuracy=accuracy, validation_loss=loss,
+                   train_examples=len(data.train_texts), validation_examples=len(data.val_texts))
+    if not is_primary_process():  # multi-host: process 0 writes the outputs
+        return classifier, tokenizer, data.labels
+    write_json(os.path.join(args.output_dir, "metrics.json"), results)
+    klora.save_adapter(classifier, os.path.join(args.output_dir, "adapter"),
+                       metadata={"labels": data.labels, "base_model": args.preset,
+                                 "max_length": args.max_length})
+    print(f"validation accuracy {accuracy:.4f} (best epoch {results['best_epoch']}); "
+          f"outputs in {args.output_dir}")
+    return classifier, tokenizer, data.labels
+
+
+def print_predictions(classifier, tokenizer, texts, labels, max_length, batch_size=32):
+    """Prints `label<TAB>probability<TAB>text` for each text."""
+    batches = TokenBatches(texts, None, tokenizer, max_length, batch_size,
+                           takes_segment_ids(classifier.backbone))
+    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(batches.predict(classifier)))
+    for text, p in zip(texts, probabilities):
+        print(f"{labels[int(p.argmax())]}\t{p.max():.3f}\t{text}")
+
+
+def predict(args):
+    texts = list(args.texts) + (read_lines(args.file) if args.file else [])
+    if not texts:
+        raise ValueError("Give sentences to label as arguments or with --file.")
+    metadata = klora.read_adapter_metadata(args.adapter)
+    classifier, tokenizer = load_text_classifier(args.preset or metadata["base_model"],
+                                                 num_classes=len(metadata["labels"]))
+    klora.load_adapter(classifier, args.adapter)
+    print_predictions(classifier, tokenizer, texts, metadata["labels"], metadata["max_length"],
+                      args.batch_size)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "predict":
+            predict(args)
+            return 0
+        classifier, tokenizer, labels = train(args)
+        if args.command == "demo" and args.distribution != "none":
+            print("\n(sample predictions skipped under --distribution: a batch of "
+                  f"{len(EXAMPLES)} cannot be split over the devices; use `predict`)")
+        elif args.command == "demo":
+            print("\npredictions for sentences the model has not seen:")
+            print_predictions(classifier, tokenizer, EXAMPLES, labels, args.max_length)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+import json
+import os
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import klora
+from klora import adapter_files
+from tests.conftest import (randomize_adapters, sequence_output, tiny_bert, tiny_distil_bert,
+                            token_inputs, to_numpy)
+
+BACKBONES = {"bert": tiny_bert, "distil_bert": tiny_distil_bert}
+CLASSIFIERS = {
+    "bert": keras_hub.models.BertTextClassifier,
+    "distil_bert": keras_hub.models.DistilBertTextClassifier,
+}
+
+
+def fresh(arch, weights, task=False):
+    """A new model with `weights` as its base weights (as `from_preset` would give)."""
+    backbone = BACKBONES[arch]()
+    backbone.set_weights(weights)
+    if not task:
+        return backbone
+    return CLASSIFIERS[arch](backbone=backbone, num_classes=3, preprocessor=None)
+
+
+def trained(arch, task=False, **apply_kwargs):
+    backbone = BACKBONES[arch]()
+    weights = backbone.get_weights()
+    model = CLASSIFIERS[arch](backbone=backbone, num_classes=3, preprocessor=None) \
+        if task else backbone
+    klora.apply(model, **{"rank": 2, "alpha": 4, **apply_kwargs})
+    randomize_adapters(model)
+    if task:
+        model.compile(optimizer="adam",
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(token_inputs(backbone, batch=8), np.arange(8) % 3, epochs=1, verbose=0)
+    return model, weights
+
+
+def outputs(model, x):
+    return to_numpy(model(x)) if hasattr(model, "backbone") else sequence_output(model, x)
+
+
+@pytest.mark.parametrize("task", [False, True], ids=["backbone", "classifier"])
+@pytest.mark.parametrize("arch", BACKBONES)
+def test_round_trip_reproduces_outputs_exactly(arch, task, tmp_path):
+    model, weights = trained(arch, task, targets="all-linear")
+    x = token_inputs(getattr(model, "backbone", model))
+    labels = {"label_map": {"0": "negative", "1": "neutral", "2": "positive"}}
+    klora.save_adapter(model, tmp_path / "adapter", metadata=labels)
+    assert sorted(os.listdir(tmp_path / "adapter")) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    loaded = fresh(arch, weights, task)
+    assert klora.read_adapter_metadata(tmp_path / "adapter") == labels
+    assert klora.load_adapter(loaded, tmp_path / "adapter") == labels
+    np.testing.assert_array_equal(outputs(loaded, x), outputs(model, x))
+    assert klora.summary(loaded, print_fn=None or (lambda _: None)) == klora.summary(
+        model, print_fn=lambda _: None)
+
+
+def test_peft_names_shapes_and_config(tmp_path):
+    model, _ = trained("bert", targets=("query", "attention_output"), rank=2, alpha=6)
+    klora.save_adapter(model, tmp_path)
+    tensors, metadata = adapter_files.read_safetensors(tmp_path / "adapter_model.safetensors")
+    assert tensors["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+                   ].shape == (2, 8)
+    assert tensors["base_model.model.encoder.layer.1.attention.output.dense.lora_B.weight"
+                   ].shape == (8, 2)
+    assert len(tensors) == 8 and metadata["format"] == "pt"
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (2, 6, False)
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] is None
+    assert "encoder.layer.0.attention.self.query" in config["target_modules"]
+    distil, _ = trained("distil_bert", task=True)
+    klora.save_adapter(distil, tmp_path / "d")
+    tensors, _ = adapter_files.read_safetensors(tmp_path / "d" / "adapter_model.safetensors")
+    assert "base_model.model.distilbert.transformer.layer.1.attention.q_lin.lora_A.weight" \
+        in tensors
+    assert tensors["base_model.model.classifier.weight"].shape == (3, 8)
+    assert tensors["base_model.model.pre_classifier.bias"].shape == (8,)
+    config = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == ["classifier", "pre_classifier"]
+
+
+def test_keyed_by_path_not_order(tmp_path):
+    # Adapters added in another order (key first) still land on the right layers.
+    model, weights = trained("bert", targets=("value",))
+    klora.apply(model, rank=2, targets=("query",))
+    randomize_adapters(model, seed=5)
+    klora.save_adapter(model, tmp_path)
+    loaded = fresh("bert", weights)
+    klora.apply(loaded, rank=2, targets=("query",), adapter_name="other")
+    klora.load_adapter(loaded, tmp_path, adapter_name="mine")
+    x = token_inputs(model)
+    np.testing.assert_array_equal(sequence_output(loaded, x), sequence_output(model, x))
+
+
+def test_rank_patterns_and_rslora_round_trip(tmp_path):
+    model, weights = trained("bert", targets=("value",), rank=2, use_rslora=True)
+    klora.apply(model, rank=4, alpha=2, targets=("query",), use_rslora=True)
+    randomize_adapters(model, seed=3)
+    klora.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_rslora"] and len(config["rank_pattern"]) == 2
+    loaded = fresh("bert", weights)
+    klora.load_adapter(loaded, tmp_path)
+    x = token_inputs(model)
+    np.testing.assert_array_equal(sequence_output(loaded, x), sequence_output(model, x))
+
+
+def test_custom_model_falls_back_to_layer_paths(tmp_path):
+    def build():
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(5, name="hidden")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3, name="out")(hidden))
+
+    keras.utils.set_random_seed(0)
+    model = build()
+    weights = model.get_weights()
+    klora.apply(model, rank=2, targets=("hidden",))
+    randomize_adapters(model)
+    model.get_layer("out").kernel.trainable = True  # a trained "head"
+    model.get_layer("out").kernel.assign(np.ones((5, 3), "float32"))
+    klora.save_adapter(model, tmp_path)
+    tensors, _ = adapter_files.read_safetensors(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.hidden.lora_A.weight" in tensors
+    loaded = build()
+    loaded.set_weights(weights)
+    klora.load_adapter(loaded, tmp_path)
+    x = np.random.default_rng(0).normal(size=(2, 6)).astype("float32")
+    np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(model(x)))
+
+
+def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
+    model, weights = trained("bert")
+    x = token_inputs(model)
+    expected = sequence_output(model, x)
+    klora.save_adapter(model, tmp_path)
+    randomize_adapters(model, seed=9)
+    calls = []
+    original = adapter_files._atomic_write
+
+    def crash_on_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(*args)
+
+    monkeypatch.setattr(adapter_files, "_atomic_write", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        klora.save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = fresh("bert", weights)
+    klora.load_adapter(loaded, tmp_path)
+    np.testing.assert_array_equal(sequence_output(loaded, x), expected)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def state(model):
+    return ([l.path for l in klora.adapted_layers(model)],
+            [to_numpy(w).copy() for w in model.weights])
+
+
+def assert_untouched(model, before):
+    paths, values = state(model)
+    assert paths == before[0]
+    assert len(values) == len(before[1])
+    for a, b in zip(values, before[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, weights = trained("bert", targets=("query", "value"))
+    klora.save_adapter(model, tmp_path / "a")
+    return tmp_path / "a", weights
+
+
+def edit_config(directory, **changes):
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(directory, edit):
+    from safetensors.numpy import save_file
+
+    filename = directory / "adapter_model.safetensors"
+    tensors, metadata = adapter_files.read_safetensors(filename)
+    metadata.pop("klora")  # as a PEFT-made file: no config hash
+    save_file(edit(dict(tensors)), str(filename), metadata=metadata)
+
+
+QUERY = "base_model.model.encoder.layer.0.attention.self.query"
+BAD_INPUTS = {
+    "missing_dir": (lambda d: d.parent / "nope", "does not exist"),
+    "missing_weights": (lambda d: (d / "adapter_model.safetensors").unlink(), "has no adapter_model"),
+    "truncated": (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:-7]), "truncated"),
+    "garbage": (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 3),
+                "not a valid safetensors"),
+    "corrupt_header": (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (40).to_bytes(8, "little") + b"{not json" + b" " * 60), "unreadable header"),
+    "bad_json": (lambda d: (d / "adapter_config.json").write_text("{"), "not valid JSON"),
+    "unknown_field": (lambda d: edit_config(d, secret_sauce=1), "Unknown field"),
+    "dora": (lambda d: edit_config(d, use_dora=True), "does not implement"),
+    "rank_mismatch": (lambda d: edit_tensors(d, lambda t: t) or edit_config(d, r=3),
+                      "rank mismatch"),
+    "other_config": (lambda d: edit_config(d, lora_alpha=7), "different saves"),
+    "missing_key": (lambda d: edit_tensors(d, lambda t: {
+        k: v for k, v in t.items() if k != QUERY + ".lora_B.weight"}), "missing key"),
+    "extra_key": (lambda d: edit_tensors(d, lambda t: {
+        **t, "base_model.model.encoder.layer.7.attention.self.query.lora_A.weight":
+        t[QUERY + ".lora_A.weight"], "base_model.model.encoder.layer.7.attention.self.query"
+        ".lora_B.weight": t[QUERY + ".lora_B.weight"]}), "unexpected keys"),
+    "int_tensor": (lambda d: edit_tensors(d, lambda t: {
+        **t, QUERY + ".lora_A.weight": t[QUERY + ".lora_A.weight"].astype("int32")}),
+        "floating point"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_adapter_files_raise_and_leave_model_untouched(case, saved):
+    directory, weights = saved
+    make_bad, message = BAD_INPUTS[case]
+    target = make_bad(directory)
+    target = target if isinstance(target, os.PathLike) else directory
+    model = fresh("bert", weights)
+    before = state(model)
+    with pytest.raises(ValueError, match=message):
+        klora.load_adapter(model, target)
+    assert_untouched(model, before)
+
+
+def test_other_architecture_or_width_rejected(saved, tmp_path):
+    directory, _ = saved
+    distil = tiny_distil_bert()
+    with pytest.raises(ValueError, match="BertBackbone"):
+        klora.load_adapter(distil, directory)
+    assert not klora.adapted_layers(distil)
+    wide = tiny_bert(hidden_dim=16)
+    before = state(wide)
+    with pytest.raises(ValueError, match="another width"):
+        klora.load_adapter(wide, directory)
+    assert_untouched(wide, before)
+    # A PEFT-made file (no klora header) for DistilBERT is recognised by its names.
+    model, _ = trained("distil_bert")
+    klora.save_adapter(model, tmp_path / "d")
+    edit_tensors(tmp_path / "d", lambda t: t)
+    with pytest.raises(ValueError, match="is for distilbert"):
+        klora.load_adapter(tiny_bert(), tmp_path / "d")
+
+
+def test_classifier_head_mismatch_and_bad_metadata(tmp_path):
+    model, weights = trained("bert", task=True)
+    klora.save_adapter(model, tmp_path)
+    backbone = tiny_bert()
+    backbone.set_weights(weights)
+    two = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2,
+                                              preprocessor=None)
+    before = state(two)
+    with pytest.raises(ValueError, match="number of classes"):
+        klora.load_adapter(two, tmp_path)
+    assert_untouched(two, before)
+    with pytest.raises(ValueError, match="unexpected keys"):  # head keys, no head
+        klora.load_adapter(fresh("bert", weights), tmp_path)
+    with pytest.raises(ValueError, match="string keys"):
+        klora.save_adapter(model, tmp_path / "m", metadata={"label_map": {0: "neg"}})
+    assert not (tmp_path / "m").exists()
+
+
+def test_name_clash_and_unadapted_model(saved):
+    directory, weights = saved
+    model = fresh("bert", weights)
+    with pytest.raises(ValueError, match="no adapters"):
+        klora.save_adapter(model, directory)
+    klora.load_adapter(model, directory)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        klora.load_adapter(model, directory)
+    klora.load_adapter(model, directory, adapter_name="copy")
+    assert klora.adapter_names(model) == ["default", "copy"]

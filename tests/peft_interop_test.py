@@ -1,0 +1,184 @@
+"""Exact interoperability with Hugging Face PEFT, in both directions.
+
+The PEFT side always runs on torch (whatever KERAS_BACKEND is). keras-hub's
+BERT uses the tanh GELU, so the `transformers` BERT uses `gelu_new`; keras-hub's
+DistilBERT uses the exact (erf) GELU, which is `transformers`' default `gelu`.
+"""
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import klora
+from tests.conftest import (VOCAB, minilm_path, randomize_adapters, requires_minilm,
+                            token_inputs, to_numpy)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TOLERANCE = 1e-5
+SMALL = dict(layers=2, heads=2, hidden=8, intermediate=16, positions=16)
+
+
+def save_tiny_hf(arch, directory, seed=0):
+    """A random tiny `transformers` model in `directory` (keras-hub reads it with from_preset)."""
+    torch.manual_seed(seed)
+    if arch == "bert":
+        config = transformers.BertConfig(
+            num_labels=3, vocab_size=VOCAB, hidden_size=SMALL["hidden"], num_hidden_layers=SMALL["layers"],
+            num_attention_heads=SMALL["heads"], intermediate_size=SMALL["intermediate"],
+            max_position_embeddings=SMALL["positions"], hidden_act="gelu_new")
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        config = transformers.DistilBertConfig(
+            vocab_size=VOCAB, dim=SMALL["hidden"], n_layers=SMALL["layers"],
+            n_heads=SMALL["heads"], hidden_dim=SMALL["intermediate"],
+            max_position_embeddings=SMALL["positions"], num_labels=3)
+        model = transformers.DistilBertForSequenceClassification(config)
+    # Non-trivial layer norms and biases, so that a mixed-up mapping would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+KERAS = {
+    "bert": (keras_hub.models.BertBackbone, keras_hub.models.BertTextClassifier),
+    "distil_bert": (keras_hub.models.DistilBertBackbone,
+                    keras_hub.models.DistilBertTextClassifier),
+}
+HF = {
+    "bert": (lambda: transformers.BertModel, lambda: transformers.BertForSequenceClassification),
+    "distil_bert": (lambda: transformers.DistilBertModel,
+                    lambda: transformers.DistilBertForSequenceClassification),
+}
+TARGETS = {  # one query/value adapter, one on every linear layer
+    "qv": (("query", "value"), {"bert": ["query", "value"], "distil_bert": ["q_lin", "v_lin"]}),
+    "all": ("all-linear", {"bert": ["query", "key", "value", "dense"],
+                           "distil_bert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1",
+                                           "lin2"]}),
+}
+
+
+def keras_model(arch, directory, task, num_classes=3):
+    backbone_class, task_class = KERAS[arch]
+    backbone = backbone_class.from_preset(directory)
+    if not task:
+        return backbone
+    return task_class(backbone=backbone, num_classes=num_classes, preprocessor=None)
+
+
+def hf_model(arch, directory, task, num_classes=3):
+    base, head = HF[arch]
+    cls = head() if task else base()
+    kwargs = {"num_labels": num_classes} if task else {}
+    extra = {"hidden_act": "gelu_new"} if arch == "bert" else {}
+    return cls.from_pretrained(directory, **kwargs, **extra).eval()
+
+
+def keras_outputs(model, x):
+    out = model(x)
+    if isinstance(out, dict):
+        out = out["sequence_output"]
+    return to_numpy(out)
+
+
+def hf_outputs(model, x):
+    inputs = {"input_ids": torch.tensor(np.asarray(x["token_ids"], "int64")),
+              "attention_mask": torch.tensor(np.asarray(x["padding_mask"], "int64"))}
+    if "segment_ids" in x:
+        inputs["token_type_ids"] = torch.tensor(np.asarray(x["segment_ids"], "int64"))
+    with torch.no_grad():
+        out = model(**inputs)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+def max_diff(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)))
+
+
+def klora_to_peft(arch, directory, adapter_dir, task, targets, rank=2, alpha=4):
+    model = keras_model(arch, directory, task)
+    klora.apply(model, rank=rank, alpha=alpha, targets=targets, seed=0)
+    randomize_adapters(model, seed=1)
+    if task:  # a trained head
+        rng = np.random.default_rng(2)
+        for variable in model.trainable_weights:
+            if "lora" not in variable.path:
+                variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    x = token_inputs(getattr(model, "backbone", model))
+    expected = keras_outputs(model, x)
+    klora.save_adapter(model, adapter_dir)
+    peft_model = peft.PeftModel.from_pretrained(hf_model(arch, directory, task),
+                                                str(adapter_dir)).eval()
+    return max_diff(hf_outputs(peft_model, x), expected), expected, hf_outputs(
+        hf_model(arch, directory, task), x)
+
+
+def peft_to_klora(arch, directory, adapter_dir, task, targets, rank=2, alpha=4,
+                  rank_pattern=None):
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                             init_lora_weights=False, rank_pattern=rank_pattern or {},
+                             modules_to_save=["classifier"] if task else None)
+    peft_model = peft.get_peft_model(hf_model(arch, directory, task), config).eval()
+    if task:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    p.copy_(torch.randn_like(p))
+    peft_model.save_pretrained(str(adapter_dir))
+    model = keras_model(arch, directory, task)
+    x = token_inputs(getattr(model, "backbone", model))
+    klora.load_adapter(model, adapter_dir)
+    return max_diff(keras_outputs(model, x), hf_outputs(peft_model, x))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: save_tiny_hf(arch, root / arch) for arch in KERAS}
+
+
+@pytest.mark.parametrize("targets", TARGETS)
+@pytest.mark.parametrize("task", [False, True], ids=["backbone", "classifier"])
+@pytest.mark.parametrize("arch", KERAS)
+def test_klora_adapter_loads_in_peft(arch, task, targets, hf_dirs, tmp_path):
+    diff, expected, base = klora_to_peft(arch, hf_dirs[arch], tmp_path / "adapter", task,
+                                         TARGETS[targets][0])
+    assert diff <= TOLERANCE
+    assert max_diff(expected, base) > 1e-2  # the adapter (and head) really changed outputs
+
+
+@pytest.mark.parametrize("targets", TARGETS)
+@pytest.mark.parametrize("task", [False, True], ids=["backbone", "classifier"])
+@pytest.mark.parametrize("arch", KERAS)
+def test_peft_adapter_loads_in_klora(arch, task, targets, hf_dirs, tmp_path):
+    diff = peft_to_klora(arch, hf_dirs[arch], tmp_path / "adapter", task,
+                         TARGETS[targets][1][arch])
+    assert diff <= TOLERANCE
+
+
+def test_peft_rank_and_alpha_patterns(hf_dirs, tmp_path):
+    diff = peft_to_klora("bert", hf_dirs["bert"], tmp_path / "adapter", False,
+                         ["query", "value"], rank=2,
+                         rank_pattern={"encoder.layer.1.attention.self.value": 4})
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.large
+@requires_minilm
+@pytest.mark.parametrize("direction", ["klora_to_peft", "peft_to_klora"])
+def test_minilm_interop(direction, tmp_path):
+    if direction == "klora_to_peft":
+        diff, _, _ = klora_to_peft("bert", minilm_path(), tmp_path / "a", False,
+                                   ("query", "value"), rank=8, alpha=16)
+    else:
+        diff = peft_to_klora("bert", minilm_path(), tmp_path / "a", False,
+                             ["query", "value", "dense"], rank=8, alpha=16)
+    assert diff <= TOLERANCE
