@@ -22,7 +22,8 @@ from klora.atomic import write_json
 from klora.data import TokenBatches, load_text_classification, read_lines
 from klora.distribution import configure_from_arguments, is_primary_process, shard_batches
 from klora.presets import load_text_classifier, max_sequence_length, takes_segment_ids
-from klora.training import add_training_arguments, check_training_arguments, fine_tune, lora_targets
+from klora.training import (add_training_arguments, check_training_arguments, exit_code,
+                            fine_tune, lora_targets)
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EXAMPLES = [
@@ -116,23 +117,15 @@ def predict(args):
                       args.batch_size)
 
 
+def demo(args):
+    classifier, tokenizer, labels = train(args)
+    print("\npredictions for sentences the model has not seen:")
+    print_predictions(classifier, tokenizer, EXAMPLES, labels, args.max_length)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.command == "predict":
-            predict(args)
-            return 0
-        classifier, tokenizer, labels = train(args)
-        if args.command == "demo" and args.distribution != "none":
-            print("\n(sample predictions skipped under --distribution: a batch of "
-                  f"{len(EXAMPLES)} cannot be split over the devices; use `predict`)")
-        elif args.command == "demo":
-            print("\npredictions for sentences the model has not seen:")
-            print_predictions(classifier, tokenizer, EXAMPLES, labels, args.max_length)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code({"train": train, "demo": demo, "predict": predict}[args.command], args)
 
 
 if __name__ == "__main__":

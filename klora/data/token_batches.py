@@ -187,7 +187,10 @@ class TokenBatches:
         """
         outputs = [None] * len(self.sequences)
         for indices, length in self.index_batches():
-            x = self._batch(indices, length)
+            # Full batches only: one compiled shape per bucket, and a batch that
+            # always splits evenly over the devices of a keras.distribution.
+            padded = indices + [indices[-1]] * (self.batch_size - len(indices))
+            x = self._batch(padded, length)
             x = x if self.labels is None else x[0]
             for i, row in zip(indices, np.asarray(model.predict_on_batch(x))):
                 outputs[i] = row[: len(self.sequences[i])] if per_token else row

@@ -1,5 +1,5 @@
 from klora.training.arguments import (add_training_arguments, check_training_arguments,
-                                      lora_targets)
+                                      exit_code, lora_targets)
 from klora.training.checkpoint import ResumableTraining
 from klora.training.fine_tune import adamw_with_warmup, fine_tune
 from klora.training.plot import plot_history

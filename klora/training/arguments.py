@@ -5,6 +5,8 @@
 >>> args = parser.parse_args([...]); check_training_arguments(args)
 """
 
+import sys
+
 from klora.distribution import add_distribution_arguments
 
 
@@ -77,3 +79,16 @@ def lora_targets(args):
     if args.targets == "all-linear":
         return "all-linear"
     return tuple(t.strip() for t in args.targets.split(",") if t.strip())
+
+
+def exit_code(command, args):
+    """Runs `command(args)` for a recipe's `main`: 0, or 2 after printing a `ValueError`.
+
+    >>> sys.exit(exit_code(train, parse_args(sys.argv[1:])))
+    """
+    try:
+        command(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,2 @@
+from klora.metrics.seqeval_f1 import entities, entity_scores
+from klora.metrics.squad import exact_match, f1_score, normalize_answer, squad_scores

@@ -1,0 +1,150 @@
+"""End-to-end runs of recipes/ner.py and recipes/qa.py on tiny presets and hand-written data."""
+
+import importlib.util
+import json
+import os
+import re
+import time
+
+import pytest
+
+import klora
+from tests.conftest import TASK_DATA
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
+NER_TRAIN, NER_VALID = f"{TASK_DATA}/ner_train.txt", f"{TASK_DATA}/ner_valid.txt"
+QA_TRAIN, QA_VALID = f"{TASK_DATA}/squad_train.json", f"{TASK_DATA}/squad_valid.json"
+
+
+def recipe(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", f"{RECIPES}/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ner_args(preset, out, *extra):
+    # --max-length 8 cuts several sentences into chunks of words.
+    return ["train", "--preset", preset, "--data", NER_TRAIN, "--validation-data", NER_VALID,
+            "--epochs", "2", "--batch-size", "64", "--max-length", "8", "--rank", "2",
+            "--output-dir", str(out), *extra]
+
+
+def qa_args(preset, out, *extra):
+    # --max-length 32 splits every context into several windows.
+    return ["train", "--preset", preset, "--data", QA_TRAIN, "--validation-data", QA_VALID,
+            "--epochs", "2", "--batch-size", "64", "--max-length", "32", "--doc-stride", "8",
+            "--rank", "2", "--output-dir", str(out), *extra]
+
+
+def check_outputs(out, monitor_keys):
+    for name in ("history.json", "metrics.json", "curves.png", "checkpoints/last.npz"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    history = json.loads((out / "history.json").read_text())
+    for key in ("loss", "val_loss", *monitor_keys):
+        assert len(history[key]) == 2, key
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_ner_trains_reports_entity_f1_and_predicts_spans(task_preset, tmp_path, capsys):
+    ner = recipe("ner")
+    assert ner.main(ner_args(task_preset, tmp_path)) == 0
+    metrics = check_outputs(tmp_path, ("val_f1", "val_precision", "val_recall"))
+    scores = metrics["validation"]
+    assert 0 <= scores["f1"] <= 1 and metrics["validation_sentences"] == 4
+    assert set(scores["per_type"]) <= {"PER", "LOC", "ORG", "MISC"}
+    assert sum(s["support"] for s in scores["per_type"].values()) == 10   # every entity counted
+    assert os.listdir(tmp_path / "adapter")
+    out = capsys.readouterr().out
+    assert re.search(r"epoch 2: val_precision [\d.]+, val_recall [\d.]+, val_f1 [\d.]+", out)
+    if not hasattr(klora, "read_adapter_metadata"):
+        pytest.skip("klora.read_adapter_metadata not available yet")
+    text = "Maria Lopez flew to Zürich, then Oslo."
+    assert ner.main(["predict", "--adapter", str(tmp_path / "adapter"), "--preset", task_preset,
+                     text, "Tom"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert [l["text"] for l in lines] == [text, "Tom"]
+    for entity in lines[0]["entities"]:
+        assert text[entity["start"]:entity["end"]] == entity["text"]
+        assert entity["type"] in ("PER", "LOC", "ORG", "MISC")
+
+
+def test_ner_resumes(task_preset, tmp_path, capsys):
+    if "distil" in task_preset:
+        pytest.skip("resuming is model-independent: checked on the BERT preset only")
+    ner = recipe("ner")
+    args = ner_args(task_preset, tmp_path, "--patience", "5")
+    args[args.index("--epochs") + 1] = "1"
+    assert ner.main(args) == 0
+    args[args.index("--epochs") + 1] = "2"
+    capsys.readouterr()
+    assert ner.main(args) == 0
+    assert "Resuming after epoch 1" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "history.json").read_text())["val_f1"]) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("Anna B-PER\nsings\n", r"bad.txt:2: expected 'token ... TAG'"),
+    ("Anna X B-PER\nsings O\n", r"bad.txt:2: 2 columns, but earlier lines have 3"),
+    ("Anna B-ART\n", r"unknown tag\(s\) \['B-ART'\]"),
+])
+def test_ner_bad_validation_files(task_preset, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_text(content, encoding="utf-8")
+    args = ner_args(task_preset, tmp_path / "out")
+    args[args.index("--validation-data") + 1] = str(bad)
+    assert recipe("ner").main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_qa_trains_reports_em_f1_and_answers(task_preset, tmp_path, capsys):
+    qa = recipe("qa")
+    assert qa.main(qa_args(task_preset, tmp_path)) == 0
+    metrics = check_outputs(tmp_path, ("val_f1", "val_exact_match"))
+    assert 0 <= metrics["validation"]["f1"] <= 100 and metrics["validation_questions"] == 3
+    if not hasattr(klora, "read_adapter_metadata"):
+        pytest.skip("klora.read_adapter_metadata not available yet")
+    capsys.readouterr()
+    context = "Café Müller opened in Zürich in 1875."
+    assert qa.main(["predict", "--adapter", str(tmp_path / "adapter"), "--preset", task_preset,
+                    "--question", "Where did it open?", "--context", context]) == 0
+    answer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert answer in context and answer.strip()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--doc-stride", "40"], "--doc-stride 40 is larger than"),
+    (["--max-length", "100"], "exceeds the model's limit of 64"),
+    (["--n-best", "0"], "--n-best must be >= 1"),
+])
+def test_qa_bad_arguments(task_preset, tmp_path, capsys, extra, message):
+    assert recipe("qa").main(qa_args(task_preset, tmp_path, *extra)) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_qa_answer_not_at_its_start(task_preset, tmp_path, capsys):
+    data = json.loads(open(QA_VALID, encoding="utf-8").read())
+    data["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] += 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data), encoding="utf-8")
+    args = qa_args(task_preset, tmp_path / "out")
+    args[args.index("--validation-data") + 1] = str(bad)
+    assert recipe("qa").main(args) == 2
+    assert re.search(r"bad.json: question 'q0': answer '40,000' does not occur at answer_start",
+                     capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name, data", [("ner", "conll2003"), ("qa", "squad")])
+def test_tfds_names_offline_fail_fast(task_preset, tmp_path, capsys, monkeypatch, name, data):
+    pytest.importorskip("tensorflow_datasets")
+    from klora.data import tfds_text
+
+    monkeypatch.setattr(tfds_text, "DOWNLOAD_HOST", ("127.0.0.1", 9))  # nothing listens there
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    args = (ner_args if name == "ner" else qa_args)(task_preset, tmp_path)
+    args[args.index("--data") + 1] = data
+    start = time.time()
+    assert recipe(name).main(args) == 2
+    assert time.time() - start < 30
+    assert "no network" in capsys.readouterr().err
