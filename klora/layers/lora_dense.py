@@ -72,7 +72,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         return (fan_in,), (units,)
 
     def _lora_project(self, x):
-        return ops.matmul(ops.matmul(x, self.lora_a), self.lora_b)
+        return self._flat_lora_project(x)
 
     def _to_kernel_layout(self, delta):
         return delta

@@ -116,12 +116,22 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         shape = dict(zip(kernel, self._kernel.shape))
         return tuple(shape[a] for a in in_axes), tuple(shape[a] for a in out_axes)
 
+    def _is_flat_layout(self):
+        """Whether input = batch + input axes and output = batch + output axes."""
+        inputs, _, output, in_axes, out_axes = split_einsum_axes(self.equation)
+        return (inputs.endswith(in_axes) and output.endswith(out_axes)
+                and inputs[: -len(in_axes)] == output[: -len(out_axes)])
+
     def _lora_project(self, x):
+        if self._is_flat_layout():  # attention projections: a fast 2-D product
+            return self._flat_lora_project(x)
         in_dims, out_dims = self._lora_shapes()
         to_rank, from_rank = self._lora_equations()
         a = ops.reshape(self.lora_a, in_dims + (self.rank,))
         b = ops.reshape(self.lora_b, (self.rank,) + out_dims)
-        return ops.einsum(from_rank, ops.einsum(to_rank, x, a), b)
+        hidden = ops.einsum(to_rank, x, a)
+        hidden = ops.multiply(hidden, ops.cast(self.scale, hidden.dtype))
+        return ops.einsum(from_rank, hidden, b)
 
     def _to_kernel_layout(self, delta):
         _, kernel, _, in_axes, out_axes = split_einsum_axes(self.equation)

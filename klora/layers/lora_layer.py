@@ -44,7 +44,7 @@ class LoRALayer:
     """Mixin holding the adapter state of a LoRA layer.
 
     Subclasses provide `_lora_shapes()` (the kernel's input and output axis
-    sizes, in kernel order), `_lora_project(x)` (applies `A` then `B` to a
+    sizes, in kernel order), `_lora_project(x)` (`scale * B(A(x))` for a
     layer input) and `_to_kernel_layout(delta)` (reshapes an `(fan_in, fan_out)`
     matrix into the kernel's shape).
 
@@ -255,11 +255,28 @@ class LoRALayer:
         del self._lora_adapters[name]
         del self._lora_values[name]
 
+    def _flat_lora_project(self, x):
+        """`B(A(x))` on `x` flattened to 2-D: `(N, fan_in) @ A @ B`, reshaped back.
+
+        Valid when the contracted axes are the trailing axes of `x` and the
+        output is `x`'s leading axes followed by the output axes. XLA on CPU
+        runs these thin rank-r products several times faster as 2-D matmuls
+        than on 3-D or 4-D operands (measured: a 4096x384->1536 layer's LoRA
+        forward+backward took 36 ms instead of 67 ms).
+        """
+        in_dims, out_dims = self._lora_shapes()
+        shape = ops.shape(x)
+        lead = tuple(shape[: len(shape) - len(in_dims)])
+        hidden = ops.matmul(ops.reshape(x, (-1, math.prod(in_dims))), self.lora_a)
+        # Scaling the (N, rank) hidden is far cheaper than scaling the output.
+        hidden = ops.multiply(hidden, ops.cast(self.scale, hidden.dtype))
+        return ops.reshape(ops.matmul(hidden, self.lora_b), lead + tuple(out_dims))
+
     def _lora_update(self, inputs, training):
         x = inputs
         if training and self.lora_dropout > 0:
             x = keras.random.dropout(x, self.lora_dropout, seed=self.lora_seed_generator)
-        return ops.multiply(self._lora_project(x), ops.cast(self.scale, x.dtype))
+        return self._lora_project(x)
 
     def delta_kernel(self):
         """`scale * A @ B` in the kernel's shape: what merging adds to the kernel."""
