@@ -80,6 +80,7 @@ def test_distil_bert_base_parameter_count_matches_peft():
 
 @pytest.mark.parametrize("arch", BACKBONES)
 def test_classifier_fit_trains_only_adapters_and_head(arch):
+    keras.utils.set_random_seed(0)
     backbone = BACKBONES[arch]()
     klora.apply(backbone, rank=2, alpha=4, dropout=0.1, seed=0)
     classifier = CLASSIFIERS[arch](backbone=backbone, num_classes=2, preprocessor=None)

@@ -34,6 +34,7 @@ def test_pretrained_weights_kept_and_counts_match_peft(tokenized):
 
 
 def test_pretrained_classifier_trains_and_merges(tokenized):
+    keras.utils.set_random_seed(0)
     classifier = keras_hub.models.BertTextClassifier.from_preset(
         minilm_path(), num_classes=2, preprocessor=None)
     klora.apply(classifier, rank=8, alpha=16, dropout=0.1, seed=0)
