@@ -46,6 +46,7 @@ class AdaptedModel:
     @classmethod
     def from_config(cls, config, custom_objects=None):
         from klora.apply import adapt_layer, freeze_base_weights, record_adapters
+        from klora.fast_layers import use_fast_layers
 
         model = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
@@ -54,6 +55,7 @@ class AdaptedModel:
             adapt_layer(find_layer(model, path), **settings,
                         adapter_name=config.get("active_adapter") or "default")
         freeze_base_weights(model)
+        use_fast_layers(model)
         record_adapters(model, list(config["adapters"]))
         return model
 

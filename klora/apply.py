@@ -7,6 +7,7 @@ import keras
 
 from klora.adapted_model import AdaptedModel, adapted_class
 from klora.layers import LoRADense, LoRAEinsumDense, LoRALayer
+from klora.fast_layers import use_fast_layers
 from klora.layers.lora_layer import DEFAULT_ADAPTER, check_lora_arguments
 
 LORA_CLASSES = {keras.layers.Dense: LoRADense, keras.layers.EinsumDense: LoRAEinsumDense}
@@ -105,6 +106,9 @@ def apply(
     every weight of the model is frozen except the adapters; for a keras-hub
     Task the freezing covers its backbone, so the Task's head stays trainable.
     Heads built on top of an adapted backbone afterwards are trainable too.
+    The model's `Dropout` and `MultiHeadAttention` layers become klora's
+    `FastDropout` and `FastAttention` (same results and statistics, faster on
+    CPU; see `klora.fast_layers`).
 
     Args:
         model: A built Keras model, e.g. a keras-hub `BertBackbone` from a preset
@@ -202,6 +206,7 @@ def apply(
         else:
             adapt_layer(layer, **settings, adapter_name=adapter_name)
     freeze_base_weights(model)
+    use_fast_layers(model)
     record_adapters(model, paths)
     if existing:
         from klora.adapters import set_adapter

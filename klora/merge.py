@@ -4,6 +4,7 @@ import keras
 
 from klora.adapted_model import AdaptedModel, forget_adapters
 from klora.apply import LORA_CLASSES, adapted_layers
+from klora.fast_layers import restore_layers
 
 
 def _require_adapters(model):
@@ -66,6 +67,7 @@ def unload(model):
     """
     for layer in _require_adapters(model):
         _remove_adapter(layer)
+    restore_layers(model)
     for layer in model._flatten_layers(include_self=True):
         if isinstance(layer, AdaptedModel):
             forget_adapters(layer)

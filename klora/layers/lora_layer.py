@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from klora.layers.fast_dropout import dropout
+
 INITS = ("kaiming", "gaussian")
 DEFAULT_ADAPTER = "default"
 # The per-adapter settings; `merged` is a state of the layer, not of an adapter.
@@ -275,7 +277,7 @@ class LoRALayer:
     def _lora_update(self, inputs, training):
         x = inputs
         if training and self.lora_dropout > 0:
-            x = keras.random.dropout(x, self.lora_dropout, seed=self.lora_seed_generator)
+            x = dropout(x, self.lora_dropout, self.lora_seed_generator)
         return self._lora_project(x)
 
     def delta_kernel(self):
