@@ -106,9 +106,8 @@ def apply(
     every weight of the model is frozen except the adapters; for a keras-hub
     Task the freezing covers its backbone, so the Task's head stays trainable.
     Heads built on top of an adapted backbone afterwards are trainable too.
-    The model's `Dropout` and `MultiHeadAttention` layers become klora's
-    `FastDropout` and `FastAttention` (same results and statistics, faster on
-    CPU; see `klora.fast_layers`).
+    The model's `Dropout` layers become `klora.layers.FastDropout` (same
+    statistics, a cheaper random mask on JAX; see `klora.fast_layers`).
 
     Args:
         model: A built Keras model, e.g. a keras-hub `BertBackbone` from a preset

@@ -1,4 +1,3 @@
-from klora.layers.fast_attention import FastAttention
 from klora.layers.fast_dropout import FastDropout
 from klora.layers.lora_dense import LoRADense
 from klora.layers.lora_einsum_dense import LoRAEinsumDense
