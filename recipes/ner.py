@@ -41,7 +41,7 @@ from klora.training import (EpochEvaluation, add_training_arguments, check_train
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: token tagging needs more than query/value adaptation.
 DEFAULTS = dict(data="conll2003", output_dir="runs/ner", targets="all-linear", rank=16,
-                alpha=32.0, learning_rate=1e-3, epochs=3, batch_size=32, max_length=128)
+                alpha=32.0, learning_rate=1e-3, epochs=2, batch_size=32, max_length=128)
 
 
 def parse_args(argv):

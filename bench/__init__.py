@@ -1,0 +1,1 @@
+"""Benchmarks; run as `python -m bench.<name>` or `python bench/<name>.py`."""
