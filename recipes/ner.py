@@ -24,8 +24,6 @@ import json
 import os
 import sys
 
-import keras
-
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches, read_lines
@@ -33,10 +31,10 @@ from klora.data.conll import encode_tags, load_tagged_splits
 from klora.data.word_alignment import WordPieces, align_words, split_words, word_predictions
 from klora.metrics import entities, entity_scores
 from klora.distribution import configure_from_arguments, is_primary_process
-from klora.presets import load_backbone, max_sequence_length, takes_segment_ids
+from klora.presets import load_backbone, takes_segment_ids
 from klora.tasks import MaskedTokenCrossentropy, TokenClassifier
 from klora.training import (EpochEvaluation, add_training_arguments, check_training_arguments,
-                            exit_code, fine_tune, lora_targets)
+                            build_task_model, exit_code, fine_tune)
 
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: token tagging needs more than query/value adaptation.
@@ -72,20 +70,6 @@ def predict_tags(model, chunks, batches, num_sentences, tag_list):
     return [[tag_list[i] for i in s] for s in word_predictions(chunks, logits, num_sentences)]
 
 
-def build_model(args, num_tags, lora=True):
-    keras.utils.set_random_seed(args.seed)
-    backbone, tokenizer = load_backbone(args.preset)
-    limit = max_sequence_length(backbone)
-    if args.max_length > limit:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's limit of {limit}.")
-    model = TokenClassifier(backbone, num_tags)
-    if lora:
-        klora.apply(model.backbone, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                    targets=lora_targets(args), seed=args.seed)
-        klora.summary(model)
-    return model, tokenizer
-
-
 def train(args, lora=True):
     """Trains and writes the outputs; `lora=False` fine-tunes every weight (benchmarks)."""
     check_training_arguments(args)
@@ -94,7 +78,8 @@ def train(args, lora=True):
         args.data, args.validation_data, args.validation_fraction, args.seed)
     print(f"data: {len(sentences)} training and {len(val_sentences)} validation sentences; "
           f"tags {tag_list}")
-    model, tokenizer = build_model(args, len(tag_list), lora)
+    model, tokenizer = build_task_model(
+        args, lambda backbone: TokenClassifier(backbone, len(tag_list)), lora)
     _, train_batches = tag_batches(sentences, encode_tags(tags, tag_list), tokenizer,
                                    model.backbone, args.max_length, args.batch_size)
     val_chunks, val_batches = tag_batches(val_sentences, encode_tags(val_tags, tag_list),

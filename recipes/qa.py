@@ -26,8 +26,6 @@ import argparse
 import os
 import sys
 
-import keras
-
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches
@@ -35,15 +33,15 @@ from klora.data.squad import QAExample, decode_answers, load_qa_splits, make_win
 from klora.data.word_alignment import WordPieces
 from klora.metrics import squad_scores
 from klora.distribution import configure_from_arguments, is_primary_process
-from klora.presets import load_backbone, max_sequence_length, takes_segment_ids
+from klora.presets import load_backbone, takes_segment_ids
 from klora.tasks import SpanExtractor, SpanLoss
 from klora.training import (EpochEvaluation, add_training_arguments, check_training_arguments,
-                            exit_code, fine_tune, lora_targets)
+                            build_task_model, exit_code, fine_tune)
 
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: span extraction needs more than query/value adaptation.
 DEFAULTS = dict(data="squad", output_dir="runs/qa", targets="all-linear", rank=16, alpha=32.0,
-                learning_rate=1e-3, epochs=2, batch_size=32, max_length=384)
+                learning_rate=1e-3, epochs=1, batch_size=32, max_length=384)
 
 
 def add_decoding_arguments(parser, doc_stride=128):
@@ -94,20 +92,6 @@ def answer(model, examples, windows, batches, args):
                           args.max_answer_length)
 
 
-def build_model(args, lora=True):
-    keras.utils.set_random_seed(args.seed)
-    backbone, tokenizer = load_backbone(args.preset)
-    limit = max_sequence_length(backbone)
-    if args.max_length > limit:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's limit of {limit}.")
-    model = SpanExtractor(backbone)
-    if lora:
-        klora.apply(model.backbone, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                    targets=lora_targets(args), seed=args.seed)
-        klora.summary(model)
-    return model, tokenizer
-
-
 def train(args, lora=True):
     """Trains and writes the outputs; `lora=False` fine-tunes every weight (benchmarks)."""
     check_training_arguments(args)
@@ -116,7 +100,7 @@ def train(args, lora=True):
     examples, val_examples = load_qa_splits(args.data, args.validation_data,
                                             args.validation_fraction, args.seed)
     print(f"data: {len(examples)} training and {len(val_examples)} validation questions")
-    model, tokenizer = build_model(args, lora)
+    model, tokenizer = build_task_model(args, SpanExtractor, lora)
     windows, train_batches = qa_batches(examples, tokenizer, model.backbone, args)
     val_windows, val_batches = qa_batches(val_examples, tokenizer, model.backbone, args)
     print(f"windows: {len(windows.sequences)} training, {len(val_windows.sequences)} validation")
