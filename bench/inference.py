@@ -55,6 +55,8 @@ def build(config, targets):
 def main():
     import numpy as np
 
+    from bench.train_step import keras_inputs, random_batch
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sequence-length", type=int, default=128)
@@ -63,10 +65,7 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
-    rng = np.random.default_rng(0)
-    shape = (args.batch_size, args.sequence_length)
-    x = {"token_ids": rng.integers(1000, 30000, shape).astype("int32"),
-         "segment_ids": np.zeros(shape, "int32"), "padding_mask": np.ones(shape, "int32")}
+    x = keras_inputs(random_batch(args.batch_size, args.sequence_length)[0])
     models = {c: build(c, targets) for c in CONFIGS}
     outputs = {c: np.asarray(m.predict_on_batch(x)) for c, m in models.items()}
     for c, m in models.items():  # compile, warm up

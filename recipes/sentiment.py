@@ -71,6 +71,8 @@ def train(args):
     klora.apply(classifier.backbone, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                 targets=lora_targets(args), seed=args.seed)
     klora.summary(classifier)
+    if args.remat:
+        klora.enable_remat(classifier)
 
     segments = takes_segment_ids(classifier.backbone)
     train_batches = TokenBatches(data.train_texts, data.train_ids, tokenizer, args.max_length,

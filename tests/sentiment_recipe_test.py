@@ -115,6 +115,17 @@ def test_bad_arguments_fail_before_training(tiny_bert_preset, tmp_path, capsys, 
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_remat_flag_trains_on_jax_and_is_refused_elsewhere(tiny_bert_preset, tmp_path, capsys):
+    import keras
+
+    code = recipe().main(train_args(tiny_bert_preset, tmp_path, "--remat", "--epochs", "1"))
+    if keras.backend.backend() == "jax":
+        assert code == 0 and os.listdir(tmp_path / "adapter")
+    else:
+        assert code == 2 and "--remat uses jax.checkpoint" in capsys.readouterr().err
+        assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "no examples"),
     (b"text\tlabel\nfine\tpositive\nodd\tneutral\n", r"\['neutral'\] not in the label map"),

@@ -21,11 +21,14 @@ the generator), fall back to `keras.random.dropout`.
 import keras
 
 THRESHOLD_BITS = 32
+# `jax.ad_checkpoint.checkpoint_name` of the keep masks, for `klora.remat`'s policy.
+DROPOUT_MASK = "klora_dropout_mask"
 
 
 def _jax_dropout(inputs, rate, seed, noise_shape):
     import jax
     import jax.numpy as jnp
+    from jax.ad_checkpoint import checkpoint_name
 
     key = jnp.concatenate([jnp.asarray(seed).astype(jnp.uint32).reshape(2),
                            jnp.zeros(2, jnp.uint32)])
@@ -33,7 +36,7 @@ def _jax_dropout(inputs, rate, seed, noise_shape):
                  else jax.lax.RandomAlgorithm.RNG_DEFAULT)
     _, bits = jax.lax.rng_bit_generator(key, noise_shape, jnp.uint32, algorithm=algorithm)
     threshold = min(round(rate * 2**THRESHOLD_BITS), 2**THRESHOLD_BITS - 1)
-    keep = bits >= jnp.uint32(threshold)
+    keep = checkpoint_name(bits >= jnp.uint32(threshold), DROPOUT_MASK)
     return jnp.where(keep, inputs / (1.0 - rate), jnp.zeros_like(inputs))
 
 

@@ -38,6 +38,9 @@ def add_training_arguments(parser, **defaults):
         help="longest token sequence, special tokens included")
     add("--patience", type=int, default=values["patience"],
         help="stop after this many epochs without a better validation score")
+    add("--remat", action="store_true",
+        help="rematerialize transformer-block activations (JAX): less memory; "
+             "faster at long sequences with query/value adapters (see bench/remat.py)")
     add("--seed", type=int, default=values["seed"])
     add("--output-dir", default=values["output_dir"])
     add_distribution_arguments(parser)
@@ -63,10 +66,14 @@ def check_training_arguments(args):
         problems.append(f"--validation-fraction must be in (0, 1) (got {args.validation_fraction})")
     if args.model_parallel < 1:
         problems.append(f"--model-parallel must be >= 1 (got {args.model_parallel})")
-    if args.distribution != "none":
+    if args.remat or args.distribution != "none":
         import keras
 
-        if keras.backend.backend() != "jax":
+        if args.remat and keras.backend.backend() != "jax":
+            problems.append(f"--remat uses jax.checkpoint, which needs the JAX backend "
+                            f"(KERAS_BACKEND={keras.backend.backend()}): set KERAS_BACKEND=jax "
+                            "or drop --remat")
+        if args.distribution != "none" and keras.backend.backend() != "jax":
             problems.append(f"--distribution {args.distribution} uses keras.distribution, which "
                             f"needs the JAX backend (KERAS_BACKEND={keras.backend.backend()}): "
                             "set KERAS_BACKEND=jax or use --distribution none")

@@ -11,8 +11,9 @@ def build_task_model(args, head, lora=True):
     """`(model, tokenizer)`: `head(backbone)` on `args.preset`'s backbone, with LoRA from the flags.
 
     Seeds Keras with `--seed`, rejects a `--max-length` beyond the backbone's
-    position embedding, and (unless `lora=False`, full fine-tuning) applies
-    `--rank/--alpha/--dropout/--targets` adapters to the backbone.
+    position embedding, (unless `lora=False`, full fine-tuning) applies
+    `--rank/--alpha/--dropout/--targets` adapters to the backbone, and with
+    `--remat` rematerializes its transformer blocks.
 
     >>> model, tokenizer = build_task_model(args, lambda backbone: SpanExtractor(backbone))
     """
@@ -26,4 +27,6 @@ def build_task_model(args, head, lora=True):
         klora.apply(model.backbone, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                     targets=lora_targets(args), seed=args.seed)
         klora.summary(model)
+    if args.remat:
+        klora.enable_remat(model)
     return model, tokenizer
