@@ -5,7 +5,7 @@ import pytest
 
 import klora
 from klora import LoRAEinsumDense
-from tests.conftest import randomize_adapters, sequence_output, tiny_bert, token_inputs, to_numpy
+from tests.conftest import randomize_adapters, sequence_output, tiny_bert, token_inputs
 
 
 def two_adapters(rank_b=2, targets_b=("query", "value")):

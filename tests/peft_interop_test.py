@@ -5,7 +5,6 @@ BERT uses the tanh GELU, so the `transformers` BERT uses `gelu_new`; keras-hub's
 DistilBERT uses the exact (erf) GELU, which is `transformers`' default `gelu`.
 """
 
-import keras
 import keras_hub
 import numpy as np
 import pytest

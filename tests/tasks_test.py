@@ -6,7 +6,7 @@ import pytest
 
 import klora
 from klora.tasks import MaskedTokenCrossentropy, SpanExtractor, SpanLoss, TokenClassifier
-from tests.conftest import VOCAB, tiny_bert, tiny_distil_bert, to_numpy, token_inputs
+from tests.conftest import tiny_bert, tiny_distil_bert, to_numpy, token_inputs
 
 BACKBONES = {"bert": tiny_bert, "distil_bert": tiny_distil_bert}
 
