@@ -76,18 +76,20 @@ def spec(variable):
     return [None if a is None else str(a) for a in getattr(sharding, "spec", ())]
 
 
-def train(kind, reference, tmp):
+def train(kind, reference, tmp, remat=False):
     distribution = kd.configure_distribution(kind, model_parallel=2, batch_size=BATCH)
     try:
         model = classifier()
         model.set_weights(reference)
+        if remat:
+            klora.enable_remat(model)
         model.compile(optimizer=keras.optimizers.Adam(1e-2),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         losses = [float(model.train_on_batch(x, y, return_dict=True)["loss"]) for x, y in batches()]
         shardings = {v.path: spec(v) for v in model.weights if v.path in WATCHED}
         moments = {v.path: spec(v) for v in model.optimizer.variables
                    if "lora_b" in v.path and "query" in v.path}
-        path = os.path.join(tmp, kind)
+        path = os.path.join(tmp, kind + ("-remat" if remat else ""))
         klora.save_adapter(model, path)
         tensors, _ = read_safetensors(os.path.join(path, "adapter_model.safetensors"))
         return dict(losses=losses, shardings=shardings, moments=moments,
@@ -103,6 +105,7 @@ def compare(out, tmp):
 
     reference = classifier().get_weights()
     results = {kind: train(kind, reference, tmp) for kind in ("none", "data", "model")}
+    results["model_remat"] = train("model", reference, tmp, remat=True)
     results["device_count"] = jax.device_count()
     with open(out, "w") as f:
         json.dump(results, f)
