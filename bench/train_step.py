@@ -171,22 +171,25 @@ def trainable_count(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def xla_flops(model, x, y):
-    """FLOPs of one training step: XLA's cost analysis of the compiled Keras train step.
+def compiled_train_step(model, x, y):
+    """The XLA executable of a compiled Keras model's JAX train step on `(x, y)`.
 
     Keras' JAX trainer runs `jax.jit(model.train_step, donate_argnums=0)` on the
     state (trainable, non-trainable, optimizer, metrics variable values) and
     `(x, y, sample_weight)`; the same function is lowered on the same values and
-    compiled again here (donation changes no arithmetic). Counts forward,
-    backward, the AdamW update and the loss metric.
+    compiled again here (donation changes no arithmetic).
     """
     import jax
 
     state = tuple([v.value for v in variables] for variables in (
         model.trainable_variables, model.non_trainable_variables,
         model.optimizer.variables, model.metrics_variables))
-    return float(jax.jit(model.train_step).lower(state, (x, y, None)).compile()
-                 .cost_analysis()["flops"])
+    return jax.jit(model.train_step).lower(state, (x, y, None)).compile()
+
+
+def xla_flops(model, x, y):
+    """FLOPs of one training step (forward, backward, AdamW, loss metric): XLA's cost analysis."""
+    return float(compiled_train_step(model, x, y).cost_analysis()["flops"])
 
 
 def measure(config, batch_size, sequence_length, dropout):

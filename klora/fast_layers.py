@@ -19,18 +19,21 @@ from klora.layers import FastDropout
 FAST_CLASSES = {keras.layers.Dropout: FastDropout}
 
 
+def swap_classes(model, classes):
+    """Gives every layer of `model` (itself included) whose exact class is a key of
+    `classes` the class it maps to, in place; returns the layers it changed."""
+    swapped = [layer for layer in model._flatten_layers(include_self=True)
+               if type(layer) in classes]
+    for layer in swapped:
+        layer.__class__ = classes[type(layer)]
+    return swapped
+
+
 def use_fast_layers(model):
     """Turns the Keras layers in `FAST_CLASSES` inside `model` into klora's versions."""
-    for layer in model._flatten_layers(include_self=False):
-        fast = FAST_CLASSES.get(type(layer))
-        if fast is not None:
-            layer.__class__ = fast
+    swap_classes(model, FAST_CLASSES)
 
 
 def restore_layers(model):
     """Turns klora's fast layers inside `model` back into their Keras classes."""
-    plain = {fast: base for base, fast in FAST_CLASSES.items()}
-    for layer in model._flatten_layers(include_self=False):
-        base = plain.get(type(layer))
-        if base is not None:
-            layer.__class__ = base
+    swap_classes(model, {fast: base for base, fast in FAST_CLASSES.items()})

@@ -26,6 +26,7 @@ peak further, so they are not offered.
 import keras
 import keras_hub
 
+from klora.fast_layers import swap_classes
 from klora.layers.fast_dropout import DROPOUT_MASK
 
 
@@ -72,13 +73,6 @@ class TransformerEncoder(keras_hub.layers.TransformerEncoder):
         return outputs
 
 
-def _swap(model, old, new):
-    blocks = [layer for layer in model._flatten_layers(include_self=True) if type(layer) is old]
-    for layer in blocks:
-        layer.__class__ = new
-    return blocks
-
-
 def enable_remat(model):
     """Rematerializes the activations of every keras-hub `TransformerEncoder` in `model`.
 
@@ -97,9 +91,9 @@ def enable_remat(model):
         raise ValueError(
             f"enable_remat needs the JAX backend (it uses jax.checkpoint), but Keras runs "
             f"on {keras.backend.backend()!r}. Set KERAS_BACKEND=jax, or train without it.")
-    swapped = _swap(model, keras_hub.layers.TransformerEncoder, TransformerEncoder)
-    if not swapped and not any(isinstance(layer, TransformerEncoder)
-                               for layer in model._flatten_layers(include_self=True)):
+    swap_classes(model, {keras_hub.layers.TransformerEncoder: TransformerEncoder})
+    if not any(type(layer) is TransformerEncoder
+               for layer in model._flatten_layers(include_self=True)):
         raise ValueError(
             f"{model.name!r} holds no keras_hub.layers.TransformerEncoder to rematerialize; "
             f"pass a keras-hub BERT/DistilBERT backbone or a model built on one.")
@@ -108,5 +102,5 @@ def enable_remat(model):
 
 def disable_remat(model):
     """Turns `model`'s rematerializing blocks back into keras-hub `TransformerEncoder`s."""
-    _swap(model, TransformerEncoder, keras_hub.layers.TransformerEncoder)
+    swap_classes(model, {TransformerEncoder: keras_hub.layers.TransformerEncoder})
     return model

@@ -7,6 +7,8 @@
 
 import sys
 
+import keras
+
 from klora.distribution import add_distribution_arguments
 
 
@@ -66,17 +68,14 @@ def check_training_arguments(args):
         problems.append(f"--validation-fraction must be in (0, 1) (got {args.validation_fraction})")
     if args.model_parallel < 1:
         problems.append(f"--model-parallel must be >= 1 (got {args.model_parallel})")
-    if args.remat or args.distribution != "none":
-        import keras
-
-        if args.remat and keras.backend.backend() != "jax":
-            problems.append(f"--remat uses jax.checkpoint, which needs the JAX backend "
-                            f"(KERAS_BACKEND={keras.backend.backend()}): set KERAS_BACKEND=jax "
-                            "or drop --remat")
-        if args.distribution != "none" and keras.backend.backend() != "jax":
-            problems.append(f"--distribution {args.distribution} uses keras.distribution, which "
-                            f"needs the JAX backend (KERAS_BACKEND={keras.backend.backend()}): "
-                            "set KERAS_BACKEND=jax or use --distribution none")
+    backend = keras.backend.backend()
+    if args.remat and backend != "jax":
+        problems.append(f"--remat uses jax.checkpoint, which needs the JAX backend "
+                        f"(KERAS_BACKEND={backend}): set KERAS_BACKEND=jax or drop --remat")
+    if args.distribution != "none" and backend != "jax":
+        problems.append(f"--distribution {args.distribution} uses keras.distribution, which "
+                        f"needs the JAX backend (KERAS_BACKEND={backend}): "
+                        "set KERAS_BACKEND=jax or use --distribution none")
     if problems:
         raise ValueError("; ".join(problems))
 
