@@ -2,11 +2,11 @@
 
 A training step keeps each block's intermediate activations until the backward
 pass needs them. `enable_remat` makes every `keras_hub.layers.TransformerEncoder`
-of a model keep only its matmul outputs and dropout masks; the element-wise
-rest (layer norms, softmax, GELU, masked scores, residual sums) is recomputed
-in the backward pass, through `jax.checkpoint` with a policy that saves dots
-and the masks `klora.layers.fast_dropout` names `DROPOUT_MASK`. Gradients are
-unchanged: the recomputed forward sees the same weights and dropout seeds.
+of a model keep only its matmul outputs; the element-wise rest (layer norms,
+softmax, GELU, masked scores, residual sums, and `FastDropout`'s masks, which
+are a hash of their seeds) is recomputed in the backward pass, through
+`jax.checkpoint` with a policy that saves dots. Gradients are unchanged: the
+recomputed forward sees the same weights and dropout seeds.
 
 The block's state (its dropout `SeedGenerator`s) is threaded through the
 checkpoint explicitly, with a `keras.StatelessScope`, which is what keeps the
@@ -27,15 +27,6 @@ import keras
 import keras_hub
 
 from klora.fast_layers import swap_classes
-from klora.layers.fast_dropout import DROPOUT_MASK
-
-
-def _policy():
-    import jax
-
-    policies = jax.checkpoint_policies
-    return policies.save_from_both_policies(
-        policies.checkpoint_dots, policies.save_only_these_names(DROPOUT_MASK))
 
 
 @keras.saving.register_keras_serializable(package="klora")
@@ -65,7 +56,7 @@ class TransformerEncoder(keras_hub.layers.TransformerEncoder):
                                      attention_mask=attention_mask, training=True)
             return outputs, [scope.get_current_value(v) for v in variables]
 
-        outputs, updated = jax.checkpoint(block, policy=_policy())(
+        outputs, updated = jax.checkpoint(block, policy=jax.checkpoint_policies.checkpoint_dots)(
             [v.value for v in variables], inputs, padding_mask, attention_mask)
         for variable, value in zip(variables, updated):
             if value is not None:  # the dropout seeds advanced inside the block

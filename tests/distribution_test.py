@@ -256,6 +256,15 @@ def test_eight_devices_same_losses_as_one(compared):
 
 
 @requires_jax
+def test_dropout_masks_do_not_depend_on_the_mesh(compared):
+    reference = np.array(compared["none_dropout"]["losses"])
+    assert np.abs(reference - compared["none"]["losses"]).max() > 1e-3  # dropout is on
+    for kind in ("data_dropout", "model_dropout"):
+        np.testing.assert_allclose(compared[kind]["losses"], reference, rtol=0, atol=1e-5,
+                                   err_msg=kind)
+
+
+@requires_jax
 def test_model_parallel_shards_kernels_and_lora_as_specified(compared):
     shardings = compared["model"]["shardings"]
     attention, ffn = "transformer_layer_0/self_attention_layer/", "transformer_layer_1/feedforward_"

@@ -9,8 +9,9 @@ so the test runs this file in a subprocess:
 
 `compare` trains a tiny BERT classifier with LoRA on every linear layer for a
 few steps without a distribution, with DataParallel and with ModelParallel
-(mesh (4, 2)), from identical weights on identical batches, and writes the
-losses, the shardings of the variables and the saved adapters' tensors.
+(mesh (4, 2)), from identical weights on identical batches, without and with
+dropout, and writes the losses, the shardings of the variables and the saved
+adapters' tensors.
 `recipe` runs recipes/sentiment.py with --distribution model (which shards
 each batch over the mesh's batch axis too) on a tiny preset, then with a batch
 size that does not divide the device count, and writes what happened.
@@ -51,11 +52,11 @@ WATCHED = ("token_embedding/embeddings",
            "logits/kernel")
 
 
-def classifier():
+def classifier(dropout=0.0):
     keras.utils.set_random_seed(0)
     model = keras_hub.models.BertTextClassifier(
-        backbone=tiny_bert(dropout=0.0), num_classes=3, preprocessor=None, dropout=0.0)
-    klora.apply(model.backbone, rank=2, alpha=4, dropout=0.0, targets="all-linear", seed=1)
+        backbone=tiny_bert(dropout=dropout), num_classes=3, preprocessor=None, dropout=dropout)
+    klora.apply(model.backbone, rank=2, alpha=4, dropout=dropout, targets="all-linear", seed=1)
     return model
 
 
@@ -76,10 +77,10 @@ def spec(variable):
     return [None if a is None else str(a) for a in getattr(sharding, "spec", ())]
 
 
-def train(kind, reference, tmp, remat=False):
+def train(kind, reference, tmp, remat=False, dropout=0.0):
     distribution = kd.configure_distribution(kind, model_parallel=2, batch_size=BATCH)
     try:
-        model = classifier()
+        model = classifier(dropout)
         model.set_weights(reference)
         if remat:
             klora.enable_remat(model)
@@ -89,7 +90,7 @@ def train(kind, reference, tmp, remat=False):
         shardings = {v.path: spec(v) for v in model.weights if v.path in WATCHED}
         moments = {v.path: spec(v) for v in model.optimizer.variables
                    if "lora_b" in v.path and "query" in v.path}
-        path = os.path.join(tmp, kind + ("-remat" if remat else ""))
+        path = os.path.join(tmp, f"{kind}-{remat}-{dropout}")
         klora.save_adapter(model, path)
         tensors, _ = read_safetensors(os.path.join(path, "adapter_model.safetensors"))
         return dict(losses=losses, shardings=shardings, moments=moments,
@@ -106,6 +107,9 @@ def compare(out, tmp):
     reference = classifier().get_weights()
     results = {kind: train(kind, reference, tmp) for kind in ("none", "data", "model")}
     results["model_remat"] = train("model", reference, tmp, remat=True)
+    # FastDropout's masks hash each value's global position: the same on any mesh.
+    for kind in ("none", "data", "model"):
+        results[f"{kind}_dropout"] = train(kind, reference, tmp, dropout=0.3)
     results["device_count"] = jax.device_count()
     with open(out, "w") as f:
         json.dump(results, f)

@@ -62,9 +62,12 @@ def test_noise_shape_broadcasts_and_inference_is_identity():
     np.testing.assert_array_equal(to_numpy(FastDropout(0.0)(x, training=True)), x)
 
 
+jax_only = pytest.mark.skipif(keras.backend.backend() != "jax",
+                              reason="the hashed masks are JAX's; other backends use keras' dropout")
+
+
+@jax_only
 def test_gradient_is_the_mask_over_keep():
-    if keras.backend.backend() != "jax":
-        pytest.skip("the RngBitGenerator path is JAX's; other backends use keras' dropout")
     import jax
     import jax.numpy as jnp
 
@@ -77,6 +80,52 @@ def test_gradient_is_the_mask_over_keep():
     kept = np.asarray(_jax_dropout(x, RATE, seed, x.shape)) > 0
     np.testing.assert_allclose(np.asarray(grad), kept / (1 - RATE), rtol=1e-6)
     assert float(out) == pytest.approx(float(np.sum(np.asarray(x)[kept]) / (1 - RATE)), rel=1e-5)
+
+
+@jax_only
+def test_every_bit_is_fair_and_seeds_give_unrelated_bits():
+    from klora.layers.fast_dropout import random_bits
+
+    n = ROWS * COLS
+    words = [np.asarray(random_bits(np.array(seed, "uint32"), (n,)))
+             for seed in ([5, 0], [5, 1], [6, 0], [0, 0])]  # SeedGenerator steps, layers
+    sigma = np.sqrt(0.25 / n)
+    for w in words:
+        bits = (w[:, None] >> np.arange(32, dtype="uint32")) & 1
+        assert np.abs(bits.mean(axis=0) - 0.5).max() < 5 * sigma
+        assert len(np.unique(w)) == n  # a keyed bijection of the position
+    for i in range(len(words)):
+        for j in range(i + 1, len(words)):
+            agree = ((words[i] ^ words[j]) & 1) == 0
+            assert abs(agree.mean() - 0.5) < 5 * sigma
+
+
+@jax_only
+@pytest.mark.parametrize("rate", [0.05, 0.5, 0.9])
+def test_keep_probability_is_exact_for_any_rate(rate):
+    x = np.ones((ROWS, COLS), "float32")
+    kept = dropped(FastDropout(rate, seed=8), x) > 0
+    assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / x.size)
+
+
+@jax_only
+def test_bits_depend_on_the_position_only():
+    from klora.layers.fast_dropout import random_bits
+
+    seed = np.array([9, 4], "uint32")
+    np.testing.assert_array_equal(np.asarray(random_bits(seed, (6, 5, 7))).ravel(),
+                                  np.asarray(random_bits(seed, (210,))))
+
+
+@jax_only
+def test_masks_too_large_to_hash_use_keras_dropout(monkeypatch):
+    from klora.layers import fast_dropout
+
+    monkeypatch.setattr(fast_dropout, "MAX_MASK_SIZE", 100)
+    x = np.ones((16, 16), "float32")
+    fast = FastDropout(RATE, seed=10)
+    plain = keras.layers.Dropout(RATE, seed=10)
+    np.testing.assert_array_equal(dropped(fast, x), dropped(plain, x))
 
 
 def test_apply_swaps_dropout_layers_and_unload_restores_them():
