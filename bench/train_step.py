@@ -2,14 +2,17 @@
 
 A 2-class BERT classifier on random pre-tokenized batches, AdamW, float32.
 JAX (Keras, jit_compile=True): full fine-tuning, Keras' built-in `enable_lora(8)`
-and klora r=8 (alpha 16), each on query+value and on all linear layers. Torch
-eager: transformers' BertForSequenceClassification (tanh GELU, as keras-hub's
-BERT) with PEFT LoRA r=8 on query+value, and fully fine-tuned.
+and klora r=8 (alpha 16), each on query+value and on all linear layers, plus
+klora q+v under mixed_bfloat16 and on the CPU split into 2 XLA devices with
+`keras.distribution.DataParallel` (`klora-qv-2dev`). Torch eager: transformers'
+BertForSequenceClassification (tanh GELU, as keras-hub's BERT) with PEFT LoRA
+r=8 on query+value, and fully fine-tuned.
 
 For every (batch size, dropout) cell, compile (first-step) time, peak RSS and
 the FLOPs of a step come from one fresh process per configuration; step times
 from one process that runs a step of each configuration in turn, so machine
-drift hits all alike:
+drift hits all alike. Every process, torch's included, runs under tcmalloc
+when it is installed (`klora.tcmalloc`; the JSON records which allocator):
 
     python bench/train_step.py                     # 8,32 x dropout on,off, all configurations
     python -m bench.train_step --steps 20 --batch-sizes 32 --dropout on
@@ -22,6 +25,7 @@ Prints a Markdown table per cell and the goal ratios, and writes them to
 """
 
 import argparse
+import contextlib
 import math
 import json
 import os
@@ -43,10 +47,14 @@ CONFIGS = {  # name: (framework, description)
     "klora-qv": ("jax", "klora r=8, query+value"),
     "klora-all": ("jax", "klora r=8, all-linear"),
     "klora-qv-bf16": ("jax", "klora r=8, query+value, mixed_bfloat16"),
+    "klora-qv-2dev": ("jax", "klora r=8, query+value, CPU split into 2 XLA devices, DataParallel"),
     "peft-qv": ("torch", "PEFT LoRA r=8, query+value (torch eager)"),
     "torch-full": ("torch", "full fine-tuning (torch eager)"),
 }
-FLOPS_TWIN = {"peft-qv": "klora-qv", "torch-full": "full"}  # JAX configuration with the same math
+# The configuration whose XLA cost analysis gives a row's FLOPs (torch rows: the JAX
+# twin with the same math; a data-parallel row: the same model on one device).
+FLOPS_TWIN = {"peft-qv": "klora-qv", "torch-full": "full", "klora-qv-2dev": "klora-qv"}
+CPU_DEVICES = 2  # for the "-2dev" configurations: XLA_FLAGS=--xla_force_host_platform_device_count
 ALL_LINEAR = ["query", "key", "value", "attention_output",
               "feedforward_intermediate_dense", "feedforward_output_dense", "pooled_dense"]
 DROPOUT = {"on": 0.1, "off": 0.0}
@@ -101,7 +109,7 @@ def build_keras(config, rate, token_ids, labels):
         backbone.enable_lora(8)
     elif config == "keras-all":
         backbone.enable_lora(8, target_layer_names=ALL_LINEAR)
-    elif config in ("klora-qv", "klora-qv-bf16"):
+    elif config in ("klora-qv", "klora-qv-bf16", "klora-qv-2dev"):
         klora.apply(backbone, rank=8, alpha=16, dropout=rate)
     elif config == "klora-all":
         klora.apply(backbone, rank=8, alpha=16, dropout=rate, targets="all-linear")
@@ -155,8 +163,20 @@ def build(config, batch_size, sequence_length, dropout):
             optimizer.step()
 
         return step, model, inputs
-    model, x, y = build_keras(config, DROPOUT[dropout], token_ids, labels)
-    return (lambda: model.train_on_batch(x, y)), model, (x, y)  # returns floats: waits
+    scope = contextlib.nullcontext
+    if config.endswith("-2dev"):  # variables and every step under a 2-device DataParallel
+        import keras
+
+        scope = keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices()[:CPU_DEVICES]).scope
+    with scope():
+        model, x, y = build_keras(config, DROPOUT[dropout], token_ids, labels)
+
+    def step():
+        with scope():
+            return model.train_on_batch(x, y)  # returns floats: waits
+
+    return step, model, (x, y)
 
 
 def timed(step):
@@ -202,7 +222,7 @@ def measure(config, batch_size, sequence_length, dropout):
         "trainable": trainable_count(model),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if CONFIGS[config][0] == "jax":  # after the RSS reading: this compiles once more
+    if config not in FLOPS_TWIN:  # after the RSS reading: this compiles once more
         result["flops"] = xla_flops(model, *data)
     return result
 
@@ -247,6 +267,8 @@ def machine_info(rates):
 
     import torch
 
+    from klora import tcmalloc
+
     packages = ["jax", "jaxlib", "keras", "keras-hub", "torch", "transformers", "peft"]
     return {
         "cpu_count": os.cpu_count(),
@@ -254,18 +276,31 @@ def machine_info(rates):
         "python": platform.python_version(),
         "versions": {p: version(p) for p in packages},
         "torch_threads": torch.get_num_threads(),
+        "allocator": "tcmalloc" if tcmalloc.is_loaded() else "system malloc",
         "matmul_size": MATMUL_SIZE,
         "matmul_gflops_per_s": rates,
     }
 
 
-def worker(*args):
-    """The JSON that this script prints as its last line when run with `args`."""
+def worker(*args, cpu_devices=1):
+    """The JSON that this script prints as its last line when run with `args`.
+
+    `cpu_devices` > 1 splits the worker's CPU into that many XLA devices; a
+    computation not distributed over them runs on the first, as with one device.
+    """
+    env = dict(os.environ)
+    if cpu_devices > 1:
+        flag = f"--xla_force_host_platform_device_count={cpu_devices}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     process = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
     if process.returncode:
         sys.exit(f"train_step.py {' '.join(args)} failed:\n{process.stderr[-4000:]}")
     return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def cpu_devices(config):
+    return CPU_DEVICES if config.endswith("-2dev") else 1
 
 
 def run_cell(configs, args, batch_size, dropout, rates):
@@ -275,11 +310,11 @@ def run_cell(configs, args, batch_size, dropout, rates):
     twins = [FLOPS_TWIN[c] for c in configs if c in FLOPS_TWIN]  # their FLOPs serve torch rows
     measured = {}
     for config in dict.fromkeys(configs + twins):
-        measured[config] = worker("--only", config, *cell_args)
+        measured[config] = worker("--only", config, *cell_args, cpu_devices=cpu_devices(config))
         print(f"batch {batch_size}, dropout {dropout}: {config} first step "
               f"{measured[config]['first_step_s']:.1f} s", flush=True)
     times = worker("--alternate", "--configs", ",".join(configs), "--steps", str(args.steps),
-                   *cell_args)
+                   *cell_args, cpu_devices=max(map(cpu_devices, configs)))
     tokens = batch_size * args.sequence_length
     results = {}
     for config in configs:
@@ -325,7 +360,8 @@ def markdown(report):
         f"{machine['cpu_count']} CPUs; jax {machine['versions']['jax']}, keras "
         f"{machine['versions']['keras']}, keras-hub {machine['versions']['keras-hub']}, torch "
         f"{machine['versions']['torch']} ({machine['torch_threads']} threads), transformers "
-        f"{machine['versions']['transformers']}, peft {machine['versions']['peft']}. float32 "
+        f"{machine['versions']['transformers']}, peft {machine['versions']['peft']}; "
+        f"{machine.get('allocator', 'system malloc')} (every process). float32 "
         f"{MATMUL_SIZE}x{MATMUL_SIZE} matmul: JAX {rates['jax']:.1f} GFLOP/s, torch "
         f"{rates['torch']:.1f} GFLOP/s.",
         "",
@@ -408,4 +444,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from klora.tcmalloc import relaunch_under_tcmalloc
+
+    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.tcmalloc
     main()

@@ -37,6 +37,7 @@ from klora.presets import load_backbone, takes_segment_ids
 from klora.tasks import SpanExtractor, SpanLoss
 from klora.training import (EpochEvaluation, add_training_arguments, check_training_arguments,
                             build_task_model, exit_code, fine_tune)
+from klora.tcmalloc import relaunch_under_tcmalloc
 
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: span extraction needs more than query/value adaptation.
@@ -160,4 +161,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    relaunch_under_tcmalloc()  # faster CPU steps; see klora.tcmalloc
     sys.exit(main())

@@ -24,6 +24,7 @@ from klora.distribution import configure_from_arguments, is_primary_process, sha
 from klora.presets import load_text_classifier, max_sequence_length, takes_segment_ids
 from klora.training import (add_training_arguments, check_training_arguments, exit_code,
                             fine_tune, lora_targets)
+from klora.tcmalloc import relaunch_under_tcmalloc
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EXAMPLES = [
@@ -131,4 +132,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    relaunch_under_tcmalloc()  # faster CPU steps; see klora.tcmalloc
     sys.exit(main())
