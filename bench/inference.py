@@ -6,8 +6,9 @@ pre-tokenized batches, `predict_on_batch` timed in alternating repetitions:
 - `base`: the plain keras-hub classifier;
 - `base-fast`: the same with klora's fast layers (`klora.fast_layers`), which
   `klora.apply` also installs, so the adapters' own cost shows apart from them;
-- `unmerged`: `klora.apply(rank=8, alpha=16)` on query+value, adapters computed
-  on the side (`x @ W + scale * x @ A @ B`);
+- `unmerged`: `klora.apply(rank=8, alpha=16)` on query+value, not merged (at
+  inference on inputs larger than a kernel, each layer adds `scale * A @ B` to
+  its kernel inside the compiled step; small inputs get `x @ W + scale * x @ A @ B`);
 - `merged`: the same after `klora.merge` (`x @ (W + scale * A @ B)`).
 
     python bench/inference.py                          # batch 32, sequence 128

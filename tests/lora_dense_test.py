@@ -27,6 +27,17 @@ def test_output_matches_numpy_reference():
     assert layer.scale == 5 / 3
 
 
+@pytest.mark.parametrize("rows, folded", [(1, False), (28, True)])
+def test_inference_folds_the_adapter_into_the_kernel_for_inputs_larger_than_it(rows, folded):
+    layer = built_layer()
+    x = np.random.default_rng(0).normal(size=(rows, 10)).astype("float32")
+    assert layer._kernel_for(x, training=False)[1] is not folded
+    assert layer._kernel_for(x, training=True)[1]  # training: always factored
+    for training in (False, True):
+        np.testing.assert_allclose(to_numpy(layer(x, training=training)), reference(x, layer),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_zero_init_equals_plain_dense():
     layer = LoRADense(6, rank=2, activation="relu")
     layer.build((None, 10))
@@ -127,12 +138,12 @@ def test_mixed_bfloat16_keeps_float32_adapters():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         layer = LoRADense(4, rank=2)
-        y = layer(np.ones((2, 8), "float32"))
+        outputs = [layer(np.ones((rows, 8), "float32")) for rows in (2, 16)]  # factored, folded
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert layer.lora_a.dtype == "float32" and layer.lora_b.dtype == "float32"
     assert layer._kernel.dtype == "float32"
-    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    assert [keras.backend.standardize_dtype(y.dtype) for y in outputs] == ["bfloat16"] * 2
 
 
 @pytest.mark.parametrize(

@@ -78,10 +78,11 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         return delta
 
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self._kernel)
+        kernel, add_update = self._kernel_for(inputs, training)
+        x = ops.matmul(inputs, kernel)
         if self.bias is not None:
             x = ops.add(x, self.bias)
-        if not self.merged:
+        if add_update:
             x = ops.add(x, self._lora_update(inputs, training))
         if self.activation is not None:
             x = self.activation(x)

@@ -140,10 +140,11 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         return ops.transpose(delta, [source.index(a) for a in kernel])
 
     def call(self, inputs, training=None):
-        x = ops.einsum(self.equation, inputs, self._kernel)
+        kernel, add_update = self._kernel_for(inputs, training)
+        x = ops.einsum(self.equation, inputs, kernel)
         if self.bias is not None:
             x = ops.add(x, self.bias)
-        if not self.merged:
+        if add_update:
             x = ops.add(x, self._lora_update(inputs, training))
         if self.activation is not None:
             x = self.activation(x)

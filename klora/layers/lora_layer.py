@@ -274,6 +274,26 @@ class LoRALayer:
         hidden = ops.multiply(hidden, ops.cast(self.scale, hidden.dtype))
         return ops.reshape(ops.matmul(hidden, self.lora_b), lead + tuple(out_dims))
 
+    def _kernel_for(self, inputs, training):
+        """`(kernel, add_update)`: what to multiply `inputs` by, and whether to add `B(A(x))`.
+
+        Training keeps the update factored: the frozen product plus
+        `scale * B(A(dropout(x)))`, so no kernel-sized gradient is ever formed.
+        At inference, when `inputs` are larger than the kernel, the adapter is
+        added to the kernel instead (exactly what `merge` would store): one
+        product over the inputs instead of three, so an unmerged model predicts
+        at about the base model's cost. Small inference inputs (a few tokens)
+        stay factored, which is cheaper than touching the whole kernel.
+        """
+        if self.merged:
+            return self._kernel, False
+        fan_in, fan_out = self._lora_fans()
+        shape = tuple(inputs.shape)
+        if training or None in shape or math.prod(shape) // fan_in * (fan_in + fan_out) <= (
+                fan_in * fan_out):
+            return self._kernel, True
+        return ops.cast(ops.add(self._kernel, self.delta_kernel()), self.compute_dtype), False
+
     def _lora_update(self, inputs, training):
         x = inputs
         if training and self.lora_dropout > 0:
