@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports Keras
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2", "train.tsv")
 
 
@@ -67,7 +68,6 @@ def main():
     args = parser.parse_args()
     if not os.path.exists(args.data):
         sys.exit(f"SST-2 not found at {args.data}; pass --data path/to/train.tsv")
-    os.environ.setdefault("KERAS_BACKEND", "jax")
     import numpy as np
 
     from klora.data import encode_labels, read_labelled_text

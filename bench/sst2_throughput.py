@@ -51,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 DATA = os.environ.get("KLORA_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports Keras
 VALIDATION = 32  # sentences after the subset: the recipe needs validation data
 RANK, ALPHA, DROPOUT, LEARNING_RATE = 8, 16, 0.1, 5e-4
 
@@ -158,7 +159,6 @@ def timed_fine_tune(original, record):
 
 
 def run_klora(train, valid, options, work):
-    os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
     import sentiment  # recipes/sentiment.py
@@ -307,6 +307,8 @@ def versions():
 
 
 def main():
+    from klora.tcmalloc import allocator
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", type=int, default=10000)
     parser.add_argument("--methods", default="klora,peft")
@@ -336,12 +338,12 @@ def main():
             print(f"{method}: {json.dumps(results[method])}", flush=True)
     print(f"\nSST-2, first {options.sentences:,} sentences, 1 epoch, LoRA q+v r={RANK}, "
           f"batch {options.batch_size}, max length {options.max_length}, "
-          f"{os.cpu_count()} CPUs\n")
+          f"{os.cpu_count()} CPUs, {allocator()}\n")
     print(table(results))
     summary = {"sentences": options.sentences, "batch_size": options.batch_size,
                "max_length": options.max_length, "seed": options.seed, "data": source,
                "cpus": os.cpu_count(), "load_average_at_start": load,
-               "machine": platform.platform(),
+               "machine": platform.platform(), "allocator": allocator(),
                "versions": versions(), "results": results, "klora_over_peft": ratios(results)}
     os.makedirs(os.path.dirname(os.path.abspath(options.json)), exist_ok=True)
     with open(options.json, "w", encoding="utf-8") as f:

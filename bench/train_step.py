@@ -267,7 +267,7 @@ def machine_info(rates):
 
     import torch
 
-    from klora import tcmalloc
+    from klora.tcmalloc import allocator
 
     packages = ["jax", "jaxlib", "keras", "keras-hub", "torch", "transformers", "peft"]
     return {
@@ -276,7 +276,7 @@ def machine_info(rates):
         "python": platform.python_version(),
         "versions": {p: version(p) for p in packages},
         "torch_threads": torch.get_num_threads(),
-        "allocator": "tcmalloc" if tcmalloc.is_loaded() else "system malloc",
+        "allocator": allocator(),
         "matmul_size": MATMUL_SIZE,
         "matmul_gflops_per_s": rates,
     }
@@ -368,8 +368,9 @@ def markdown(report):
         f"AdamW lr {LEARNING_RATE:g}, float32, 2 classes, random tokens. Step: median of "
         f"{report['steps']} alternating steps after {WARMUP_STEPS} warm-up steps each. First "
         "step: includes the XLA compile for JAX (torch is eager). GFLOP: XLA cost analysis of the "
-        "compiled Keras train step (forward, backward, AdamW); torch rows (*) use that of the "
-        "JAX configuration with the same math (peft-qv: klora-qv, torch-full: full). "
+        "compiled Keras train step (forward, backward, AdamW); rows marked * use that of the "
+        "one-device JAX configuration with the same math ("
+        + ", ".join(f"{row}: {twin}" for row, twin in FLOPS_TWIN.items()) + "). "
         "\"of matmul\": GFLOP/s over the same framework's matmul rate.",
     ]
     for cell in report["cells"]:

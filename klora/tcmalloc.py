@@ -56,6 +56,11 @@ def is_loaded():
         return False
 
 
+def allocator():
+    """`"tcmalloc"` or `"system malloc"`: what this process allocates with (for reports)."""
+    return "tcmalloc" if is_loaded() else "system malloc"
+
+
 def preload_environment(environ=None):
     """`environ` (default: this process's) with tcmalloc added to `LD_PRELOAD`,
     for starting child processes; unchanged when there is no tcmalloc."""
