@@ -71,6 +71,11 @@ RATIOS = [  # (label, numerator, denominator or "matmul", goal), from the batch 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def cpu_devices(config):
+    """XLA CPU devices a configuration's process needs (its DataParallel size)."""
+    return CPU_DEVICES if config.endswith("-2dev") else 1
+
+
 def random_batch(batch_size, sequence_length):
     import numpy as np
 
@@ -164,11 +169,11 @@ def build(config, batch_size, sequence_length, dropout):
 
         return step, model, inputs
     scope = contextlib.nullcontext
-    if config.endswith("-2dev"):  # variables and every step under a 2-device DataParallel
+    if cpu_devices(config) > 1:  # variables and every step under a DataParallel over them
         import keras
 
         scope = keras.distribution.DataParallel(
-            devices=keras.distribution.list_devices()[:CPU_DEVICES]).scope
+            devices=keras.distribution.list_devices()[:cpu_devices(config)]).scope
     with scope():
         model, x, y = build_keras(config, DROPOUT[dropout], token_ids, labels)
 
@@ -282,25 +287,21 @@ def machine_info(rates):
     }
 
 
-def worker(*args, cpu_devices=1):
+def worker(*args, devices=1):
     """The JSON that this script prints as its last line when run with `args`.
 
-    `cpu_devices` > 1 splits the worker's CPU into that many XLA devices; a
+    `devices` > 1 splits the worker's CPU into that many XLA devices; a
     computation not distributed over them runs on the first, as with one device.
     """
     env = dict(os.environ)
-    if cpu_devices > 1:
-        flag = f"--xla_force_host_platform_device_count={cpu_devices}"
+    if devices > 1:
+        flag = f"--xla_force_host_platform_device_count={devices}"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     process = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
                              capture_output=True, text=True, env=env)
     if process.returncode:
         sys.exit(f"train_step.py {' '.join(args)} failed:\n{process.stderr[-4000:]}")
     return json.loads(process.stdout.strip().splitlines()[-1])
-
-
-def cpu_devices(config):
-    return CPU_DEVICES if config.endswith("-2dev") else 1
 
 
 def run_cell(configs, args, batch_size, dropout, rates):
@@ -310,11 +311,11 @@ def run_cell(configs, args, batch_size, dropout, rates):
     twins = [FLOPS_TWIN[c] for c in configs if c in FLOPS_TWIN]  # their FLOPs serve torch rows
     measured = {}
     for config in dict.fromkeys(configs + twins):
-        measured[config] = worker("--only", config, *cell_args, cpu_devices=cpu_devices(config))
+        measured[config] = worker("--only", config, *cell_args, devices=cpu_devices(config))
         print(f"batch {batch_size}, dropout {dropout}: {config} first step "
               f"{measured[config]['first_step_s']:.1f} s", flush=True)
     times = worker("--alternate", "--configs", ",".join(configs), "--steps", str(args.steps),
-                   *cell_args, cpu_devices=max(map(cpu_devices, configs)))
+                   *cell_args, devices=max(map(cpu_devices, configs)))
     tokens = batch_size * args.sequence_length
     results = {}
     for config in configs:
