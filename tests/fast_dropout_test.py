@@ -71,13 +71,13 @@ def test_gradient_is_the_mask_over_keep():
     import jax
     import jax.numpy as jnp
 
-    from klora.layers.fast_dropout import _jax_dropout
+    from klora.layers.fast_dropout import jax_dropout
 
     x = jnp.linspace(1.0, 2.0, 32 * 32).reshape(32, 32)
     seed = jnp.array([7, 0], "uint32")
-    f = lambda v: jnp.sum(_jax_dropout(v, RATE, seed, v.shape))
+    f = lambda v: jnp.sum(jax_dropout(v, RATE, seed, v.shape))
     out, grad = jax.value_and_grad(f)(x)
-    kept = np.asarray(_jax_dropout(x, RATE, seed, x.shape)) > 0
+    kept = np.asarray(jax_dropout(x, RATE, seed, x.shape)) > 0
     np.testing.assert_allclose(np.asarray(grad), kept / (1 - RATE), rtol=1e-6)
     assert float(out) == pytest.approx(float(np.sum(np.asarray(x)[kept]) / (1 - RATE)), rel=1e-5)
 

@@ -27,7 +27,9 @@ def test_pretrained_weights_kept_and_counts_match_peft(tokenized):
     backbone = keras_hub.models.BertBackbone.from_preset(minilm_path())
     base = to_numpy(backbone(tokenized)["sequence_output"])
     klora.apply(backbone, rank=8, alpha=16)
-    np.testing.assert_array_equal(to_numpy(backbone(tokenized)["sequence_output"]), base)
+    # B = 0: the same outputs, to float rounding (attention may run in per-core chunks)
+    np.testing.assert_allclose(to_numpy(backbone(tokenized)["sequence_output"]), base,
+                               rtol=1e-5, atol=1e-5)
     counts = klora.summary(backbone)
     assert counts["adapter"] == 73_728 == counts["trainable"]
     assert counts["total"] == 22_713_216 + 73_728

@@ -52,26 +52,34 @@ def _positions(shape):
     return index
 
 
-def random_bits(seed, shape):
+def random_bits(seed, shape, offset=0):
     """32 random bits per element of `shape`, a keyed hash of its position.
 
     Args:
         seed: Two uint32 words (a Keras JAX seed, e.g. `SeedGenerator.next()`).
         shape: Static shape with fewer than 2**32 elements.
+        offset: Added to every row-major position: the bits of a slice of a
+            larger mask that starts at that position (a chunk of its batch).
     """
     import jax.numpy as jnp
 
     seed = jnp.asarray(seed).astype(jnp.uint32).reshape(2)
     key_0 = _mix(seed[0] ^ _mix(seed[1] + jnp.uint32(0x9E3779B9)))
     key_1 = _mix(seed[1] ^ _mix(key_0))
-    return _mix(_mix(_positions(shape) ^ key_0) ^ key_1)
+    positions = _positions(shape) + jnp.uint32(offset)
+    return _mix(_mix(positions ^ key_0) ^ key_1)
 
 
-def _jax_dropout(inputs, rate, seed, noise_shape):
+def jax_dropout(inputs, rate, seed, noise_shape, offset=0):
+    """Hashed-mask dropout of `inputs` on JAX, for a seed drawn by the caller.
+
+    `offset` makes the mask the slice starting at that row-major position of
+    a larger mask drawn with the same seed (see `random_bits`); `0 < rate < 1`.
+    """
     import jax.numpy as jnp
 
     threshold = min(round(rate * 2**32), 2**32 - 1)
-    keep = random_bits(seed, noise_shape) >= jnp.uint32(threshold)
+    keep = random_bits(seed, noise_shape, offset) >= jnp.uint32(threshold)
     return jnp.where(keep, inputs / (1.0 - rate), jnp.zeros_like(inputs))
 
 
@@ -90,7 +98,7 @@ def dropout(inputs, rate, seed_generator, noise_shape=None):
         if noise_shape is not None:
             shape = tuple(s if n is None else n for n, s in zip(noise_shape, shape))
         if math.prod(shape) < MAX_MASK_SIZE:
-            return _jax_dropout(inputs, rate, seed_generator.next(), shape)
+            return jax_dropout(inputs, rate, seed_generator.next(), shape)
     return keras.random.dropout(inputs, rate, noise_shape=noise_shape, seed=seed_generator)
 
 
