@@ -7,8 +7,8 @@ and only touches layers of exactly the Keras class, not subclasses.
 >>> use_fast_layers(backbone)      # Dropout -> FastDropout, MultiHeadAttention -> Fast...
 >>> restore_layers(backbone)       # and back
 
-A batched-matmul `MultiHeadAttention` (heads moved in front of the sequence
-axes) was measured too and left out: in a MiniLM training step (batch 32 x 128)
+Another attention layout, batched matmuls with the heads moved in front of the
+sequence axes, was measured too and left out: in a MiniLM training step (batch 32 x 128)
 XLA ran it 0.1 s slower than Keras' einsums.
 """
 

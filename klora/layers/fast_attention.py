@@ -15,7 +15,6 @@ and torch backends, and for attention-score outputs it is Keras' layer.
 >>> y = layer(x, x, training=True)
 """
 
-import math
 import os
 
 import keras
@@ -69,19 +68,12 @@ class FastMultiHeadAttention(keras.layers.MultiHeadAttention):
                            return_attention_scores=False, use_causal_mask=False):
         causal = {"use_causal_mask": True} if use_causal_mask else {}
         drops = bool(training) and self._dropout > 0
-        batch_size = query.shape[0]
-        chunks = attention_chunks(batch_size)
-        if chunks > 1 and len(query.shape) == 4 and not return_attention_scores:
-            # The mask of one example's scores [heads, queries, keys].
-            example_size = self._num_heads * query.shape[1] * key.shape[1]
-            if drops and (use_causal_mask or type(self._dropout_layer) is not FastDropout
-                          or batch_size * example_size >= MAX_MASK_SIZE):
-                chunks = 1
-        else:
-            chunks = 1
+        chunks = self._chunk_count(query, key, drops, return_attention_scores, use_causal_mask)
         if chunks == 1:
             return super()._compute_attention(query, key, value, attention_mask, training,
                                               return_attention_scores, **causal)
+        batch_size = query.shape[0]
+        example_size = self._num_heads * query.shape[1] * key.shape[1]  # [heads, queries, keys]
         seed = self._dropout_layer.seed_generator.next() if drops else None
         outputs = []
         for start, stop in chunk_bounds(batch_size, chunks):
@@ -94,6 +86,20 @@ class FastMultiHeadAttention(keras.layers.MultiHeadAttention):
             else:
                 outputs.append(super()._compute_attention(*chunk, training, **causal)[0])
         return ops.concatenate(outputs, axis=0), None
+
+    def _chunk_count(self, query, key, drops, return_attention_scores, use_causal_mask):
+        """Batch chunks for this call: 1 (Keras' path) unless the inputs are the
+        default 4-D layout, no scores are returned, and any dropout can be drawn
+        as slices of one `FastDropout` mask."""
+        chunks = attention_chunks(query.shape[0])
+        if chunks == 1 or len(query.shape) != 4 or return_attention_scores:
+            return 1
+        if drops:
+            scores_size = query.shape[0] * self._num_heads * query.shape[1] * key.shape[1]
+            if (use_causal_mask or type(self._dropout_layer) is not FastDropout
+                    or scores_size >= MAX_MASK_SIZE):
+                return 1
+        return chunks
 
     def _attend(self, query, key, value, attention_mask, seed, offset):
         """Keras' explicit attention with dropout, the mask drawn at `offset`."""
