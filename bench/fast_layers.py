@@ -32,8 +32,8 @@ def build(variant, batch_size, sequence_length):
 
     import klora
     from bench.train_step import keras_inputs, random_batch
-    from klora.fast_layers import restore_layers, swap_classes
-    from klora.layers import FastDropout
+    from klora.speed.fast_layers import restore_layers, swap_classes
+    from klora.speed import FastDropout
 
     keras.utils.set_random_seed(0)
     classifier = keras_hub.models.BertTextClassifier.from_preset(
@@ -75,7 +75,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from klora.tcmalloc import relaunch_under_tcmalloc
+    from klora.speed.tcmalloc import relaunch_under_tcmalloc
 
-    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.speed.tcmalloc
     main()

@@ -37,6 +37,8 @@ DATA = os.environ.get("KLORA_SHARED_DATA", os.path.join(ROOT, "..", "shared", "d
 import ner  # noqa: E402  (recipes/ner.py)
 import qa  # noqa: E402  (recipes/qa.py)
 
+import klora  # noqa: E402
+
 from klora.data.squad import read_squad, split_by_article  # noqa: E402
 
 
@@ -66,10 +68,31 @@ def trainable(model):
     return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
+class FullFineTuning:
+    """Stands in for the `klora` module inside a recipe: `apply` adds no adapters (every
+    weight trains) and `save_adapter` writes nothing; the rest is klora's."""
+
+    def __getattr__(self, name):
+        return getattr(klora, name)
+
+    @staticmethod
+    def apply(model, **settings):
+        return model
+
+    @staticmethod
+    def save_adapter(model, path, metadata=None):
+        return None
+
+
 def run(recipe, argv, lora):
+    """Runs `recipe.train`; with `lora=False` as full fine-tuning (see `FullFineTuning`)."""
     args = recipe.parse_args(argv)
     start = time.time()
-    outputs = recipe.train(args, lora=lora)
+    recipe.klora = klora if lora else FullFineTuning()
+    try:
+        outputs = recipe.train(args)
+    finally:
+        recipe.klora = klora
     return outputs[0], outputs[-1], time.time() - start, args
 
 
@@ -143,7 +166,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from klora.tcmalloc import relaunch_under_tcmalloc
+    from klora.speed.tcmalloc import relaunch_under_tcmalloc
 
-    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.speed.tcmalloc
     main()

@@ -89,7 +89,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from klora.tcmalloc import relaunch_under_tcmalloc
+    from klora.speed.tcmalloc import relaunch_under_tcmalloc
 
-    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.speed.tcmalloc
     main()

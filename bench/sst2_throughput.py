@@ -307,7 +307,7 @@ def versions():
 
 
 def main():
-    from klora.tcmalloc import allocator
+    from klora.speed.tcmalloc import allocator
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", type=int, default=10000)
@@ -352,7 +352,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from klora.tcmalloc import relaunch_under_tcmalloc
+    from klora.speed.tcmalloc import relaunch_under_tcmalloc
 
-    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.speed.tcmalloc
     main()

@@ -12,7 +12,7 @@ For every (batch size, dropout) cell, compile (first-step) time, peak RSS and
 the FLOPs of a step come from one fresh process per configuration; step times
 from one process that runs a step of each configuration in turn, so machine
 drift hits all alike. Every process, torch's included, runs under tcmalloc
-when it is installed (`klora.tcmalloc`; the JSON records which allocator):
+when it is installed (`klora.speed.tcmalloc`; the JSON records which allocator):
 
     python bench/train_step.py                     # 8,32 x dropout on,off, all configurations
     python -m bench.train_step --steps 20 --batch-sizes 32 --dropout on
@@ -272,7 +272,7 @@ def machine_info(rates):
 
     import torch
 
-    from klora.tcmalloc import allocator
+    from klora.speed.tcmalloc import allocator
 
     packages = ["jax", "jaxlib", "keras", "keras-hub", "torch", "transformers", "peft"]
     return {
@@ -446,7 +446,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from klora.tcmalloc import relaunch_under_tcmalloc
+    from klora.speed.tcmalloc import relaunch_under_tcmalloc
 
-    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # XLA CPU steps without page faults; see klora.speed.tcmalloc
     main()

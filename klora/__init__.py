@@ -1,12 +1,14 @@
 """klora: LoRA fine-tuning of keras-hub encoders on Keras 3."""
 
-from klora.adapter_files import load_adapter, read_adapter_metadata, save_adapter
-from klora.adapters import (active_adapter, adapter_names, delete_adapter, disable_adapters,
-                            set_adapter)
-from klora.apply import adapted_layers, apply
+from klora.adapted_model import active_adapter, adapted_layers, adapter_names
+from klora.adapters import delete_adapter, disable_adapters, set_adapter
+from klora.apply import apply
+from klora.config import LoraConfig
 from klora.layers import LoRADense, LoRAEinsumDense
 from klora.merge import merge, unload, unmerge
-from klora.remat import disable_remat, enable_remat
+from klora.peft import load_adapter, read_adapter_metadata, save_adapter
+from klora.speed import disable_remat, enable_remat
 from klora.summary import summary
+from klora import tasks  # registers klora's task models for keras.saving.load_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

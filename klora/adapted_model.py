@@ -1,16 +1,260 @@
-"""How a model records the adapters `klora.apply` added, so that saving survives.
+"""What every model-level klora function sits on: adapting a model, finding its adapters,
+switching them, freezing the base, and recording the adapters for `.keras` saving.
+
+`adapt_model` is the one path that adds an adapter to a model: `klora.apply`,
+`klora.load_adapter` and `keras.saving.load_model` all go through it.
+
+Trained weights that are not low-rank updates (a Task's classification head,
+a layer norm made trainable) belong to the adapter that was active while they
+trained, like PEFT's per-adapter `modules_to_save`: `activate` stores their
+values per adapter on the layer that owns them and swaps them with the
+adapter. Their values from before any adapter (when klora saw the model
+first, on `apply` or `load_adapter`) are what a disabled or new adapter gets.
 
 keras-hub layers rebuild their sub-layers from their own configs, which know
-nothing of adapters. `klora.apply` therefore gives the model it adapted a
-subclass of its own class whose `get_config` wraps the plain config with the
-adapter settings, keyed by layer path. `keras.saving.load_model` rebuilds the
-plain model from that config, re-applies the adapters, then loads the weights.
+nothing of adapters. An adapted model therefore gets a subclass of its own
+class (`AdaptedModel`) whose `get_config` wraps the plain config with each
+adapted layer's `LoraConfig`, keyed by layer path; loading rebuilds the plain
+model, adapts it through `adapt_model`, then Keras loads the weights.
 """
 
 import keras
+import numpy as np
 from keras.src.saving import object_registration
 
+from klora.config import LoraConfig
+from klora.layers import LoRADense, LoRAEinsumDense, LoRALayer
+from klora.speed.fast_layers import use_fast_layers
+
+LORA_CLASSES = {keras.layers.Dense: LoRADense, keras.layers.EinsumDense: LoRAEinsumDense}
 REGISTERED_NAME = "klora>AdaptedModel"
+ORIGINAL = None  # the key of head values from before any adapter
+
+
+def adapted_layers(model):
+    """The LoRA layers inside `model`, in traversal order.
+
+    >>> [layer.path for layer in klora.adapted_layers(backbone)][:2]
+    ['transformer_layer_0/self_attention_layer/value', 'transformer_layer_0/self_attention_layer/query']
+    """
+    return [l for l in model._flatten_layers(include_self=False) if isinstance(l, LoRALayer)]
+
+
+def require_adapters(model):
+    """`adapted_layers(model)`, or a `ValueError` when there are none."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError(f"Model '{model.name}' has no LoRA layers: call `klora.apply(model)` "
+                         "first.")
+    return layers
+
+
+def adapter_names(model):
+    """Names of the adapters on `model`, in the order they were added."""
+    names = {}
+    for layer in adapted_layers(model):
+        names.update(dict.fromkeys(layer.adapter_names))
+    return list(names)
+
+
+def active_adapter(model):
+    """The name of `model`'s active adapter (`None` if it has no adapters)."""
+    names = {l.active_adapter for l in adapted_layers(model)} - {None}
+    return next(iter(names), None)
+
+
+def reset_compiled_functions(model):
+    """Drops `model`'s compiled train/test/predict functions (they captured the old state)."""
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, keras.Model):
+            layer.train_function = layer.test_function = layer.predict_function = None
+
+
+def lora_class(layer):
+    """The LoRA class `layer` becomes (its own if it is one); `ValueError` if unsupported."""
+    if isinstance(layer, LoRALayer):
+        return type(layer)
+    if type(layer) not in LORA_CLASSES:
+        raise ValueError(f"Layer '{layer.path}' of type {type(layer).__name__} is not "
+                         "supported: klora adapts keras.layers.Dense and "
+                         "keras.layers.EinsumDense (exactly those classes, not subclasses).")
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(f"Layer '{layer.path}' already has Keras' built-in LoRA enabled "
+                         "(`enable_lora`); use one or the other.")
+    return LORA_CLASSES[type(layer)]
+
+
+def check_built(model):
+    """Raises a `ValueError` unless `model` is a built Keras model or layer."""
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(f"`model` must be a Keras model or layer. Received: {type(model)}")
+    if not model.built:
+        raise ValueError(f"Model '{model.name}' is not built: build it first (load it with "
+                         "`from_preset`, call it on data, or call `model.build(input_shape)`).")
+
+
+def check_adaptable(model, plan, adapter_name):
+    """Raises a `ValueError` if `adapt_model(model, plan, adapter_name)` would fail."""
+    check_built(model)
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"`adapter_name` must be a non-empty string. Received: "
+                         f"{adapter_name!r}")
+    if not plan:
+        raise ValueError(f"No layers to adapt in model '{model.name}'.")
+    already = [l.path for l in plan if isinstance(l, LoRALayer) and adapter_name in
+               l.adapter_names]
+    if already:
+        raise ValueError(f"Layers already adapted (adapter {adapter_name!r}): {already}. Call "
+                         "`klora.unload(model)` first, choose other layers, or pass another "
+                         "`adapter_name`.")
+    if any(l.merged for l in adapted_layers(model)):
+        raise ValueError("The model's adapters are merged: call `klora.unmerge(model)` before "
+                         "adding an adapter.")
+    paths = [layer.path for layer in plan]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"Layers to adapt share a path, so adapters cannot be recorded: {paths}")
+    for layer, config in plan.items():
+        lora_class(layer).check_rank(layer, config.rank)
+
+
+def adapt_model(model, plan, adapter_name, values=None, trainable=()):
+    """Adds adapter `adapter_name` to `model` (or to more of its layers) and makes it active.
+
+    Args:
+        model: A built Keras model.
+        plan: `{layer: LoraConfig}` for each layer to adapt.
+        adapter_name: Name of the new adapter.
+        values: Optional `{layer: {"lora_a": array, "lora_b": array}}` (as in
+            `LoRALayer.adapter_values`); other layers are initialized.
+        trainable: Other variables that train with this adapter (they stay
+            trainable when the base is frozen).
+
+    Everything is checked before anything changes. The plain layers become
+    LoRA layers, every base weight is frozen, the fast layers are installed
+    (`klora.speed.fast_layers`) and the adapted paths are recorded.
+    """
+    check_adaptable(model, plan, adapter_name)
+    values = values or {}
+    previous = active_adapter(model)
+    # A Task's head layers keep training as heads when they are adapted too.
+    scope = {id(l) for l in frozen_scope(model)._flatten_layers(include_self=True)}
+    heads = [v for layer in plan if id(layer) not in scope
+             for v in (layer.kernel, layer.bias) if v is not None and v.trainable]
+    for layer, config in plan.items():
+        if isinstance(layer, LoRALayer):
+            layer.add_adapter(adapter_name, config, values.get(layer))
+        else:
+            lora_class(layer).convert(layer, config, adapter_name)
+            for name, value in values.get(layer, {}).items():
+                getattr(layer, name).assign(value)
+    freeze_base_weights(model)
+    for variable in [*trainable, *heads]:
+        variable.trainable = True
+    if previous is None:
+        _remember_original_heads(model)
+    _switch(model, previous, adapter_name)
+    use_fast_layers(model)
+    _record_paths(model, [layer.path for layer in plan])
+    reset_compiled_functions(model)
+    return model
+
+
+def frozen_scope(model):
+    """The part of `model` whose weights LoRA freezes: a Task's backbone, else all."""
+    backbone = getattr(model, "backbone", None)
+    return backbone if isinstance(backbone, keras.layers.Layer) else model
+
+
+def freeze_base_weights(model):
+    """Freezes every weight under `model` (a Task: its backbone) but the active adapters."""
+    adapters = {id(v) for l in adapted_layers(model) if l.active_adapter is not None
+                for v in l.lora_variables()}
+    for variable in frozen_scope(model).weights:
+        if id(variable) not in adapters:
+            variable.trainable = False
+
+
+# ---------------------------------------------------------------- switching
+
+
+def head_variables(model):
+    """`[(layer, [variable, ...])]`: trainable weights of `model` that no adapter holds."""
+    lora = {id(v) for l in adapted_layers(model) for v in l.lora_variables()}
+    owners = {layer.path: layer for layer in model._flatten_layers(include_self=True)}
+    heads = {}
+    for variable in model.trainable_weights:
+        if id(variable) not in lora:
+            owner = owners.get(variable.path.rpartition("/")[0])
+            if owner is not None:
+                heads.setdefault(id(owner), (owner, []))[1].append(variable)
+    return list(heads.values())
+
+
+def _head_store(layer):
+    if "_klora_heads" not in vars(layer):
+        object.__setattr__(layer, "_klora_heads", {})
+    return layer._klora_heads
+
+
+def _values(variables):
+    return {v.name: np.array(keras.ops.convert_to_numpy(v)) for v in variables}
+
+
+def _remember_original_heads(model):
+    for layer, variables in head_variables(model):
+        _head_store(layer).setdefault(ORIGINAL, _values(variables))
+
+
+def stored_head_values(model, adapter_name):
+    """`{variable path: array}` of the head weights adapter `adapter_name` trained."""
+    values = {}
+    for layer, variables in head_variables(model):
+        stored = _head_store(layer).get(adapter_name)
+        current = _values(variables) if stored is None else stored
+        values.update({v.path: current[v.name] for v in variables if v.name in current})
+    return values
+
+
+def swap_heads(model, old, new):
+    """Stores the head weights under adapter `old`; loads `new`'s (or the original ones)."""
+    for layer, variables in head_variables(model):
+        store = _head_store(layer)
+        if old is not None:
+            store[old] = _values(variables)
+        saved = store.pop(new) if new is not ORIGINAL and new in store else \
+            store.get(ORIGINAL, {})
+        for variable in variables:
+            if variable.name in saved:
+                variable.assign(saved[variable.name])
+
+
+def forget_heads(model, adapter_name=ORIGINAL, everything=False):
+    """Drops the stored head weights of one adapter, or all of them."""
+    for layer in model._flatten_layers(include_self=True):
+        store = vars(layer).get("_klora_heads")
+        if store is not None and everything:
+            object.__delattr__(layer, "_klora_heads")
+        elif store is not None:
+            store.pop(adapter_name, None)
+
+
+def activate(model, name):
+    """Makes adapter `name` active on every layer (layers without it get a zero update)
+    and swaps the head weights; resets compiled functions when they must retrace."""
+    _switch(model, active_adapter(model), name)
+
+
+def _switch(model, old, new):
+    changed = False
+    for layer in adapted_layers(model):
+        changed |= layer.activate_adapter(new if new in layer.adapter_names else None)
+    if old != new:
+        swap_heads(model, old, new)
+    if changed:
+        reset_compiled_functions(model)
+
+
+# ---------------------------------------------------------------- saving
 
 
 def find_layer(model, path):
@@ -22,41 +266,37 @@ def find_layer(model, path):
 
 
 class AdaptedModel:
-    """Mixin placed in front of an adapted model's own class."""
+    """Mixin placed in front of an adapted model's own class, for `.keras` saving."""
 
     def get_config(self):
-        from klora.layers import LoRALayer
-
         adapted_class = type(self)
         self.__class__ = self._klora_base_class
         try:
             model = keras.saving.serialize_keras_object(self)
         finally:
             self.__class__ = adapted_class
-        adapters = {}
-        active = None
+        adapters, active = {}, None
         for path in self._klora_paths:
             layer = find_layer(self, path)
-            if isinstance(layer, LoRALayer):
-                adapters[path] = layer.lora_config()
-                active = active or layer.active_adapter
+            if isinstance(layer, LoRALayer) and layer.active_adapter is not None:
+                adapters[path] = {**layer.lora_config.to_dict(), "merged": layer.merged}
+                active = layer.active_adapter
         # Only the active adapter is saved (in the layers' variables).
         return {"model": model, "adapters": adapters, "active_adapter": active}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from klora.apply import adapt_layer, freeze_base_weights, record_adapters
-        from klora.fast_layers import use_fast_layers
-
-        model = keras.saving.deserialize_keras_object(
-            config["model"], custom_objects=custom_objects
-        )
+        model = keras.saving.deserialize_keras_object(config["model"],
+                                                      custom_objects=custom_objects)
+        plan, merged = {}, []
         for path, settings in config["adapters"].items():
-            adapt_layer(find_layer(model, path), **settings,
-                        adapter_name=config.get("active_adapter") or "default")
-        freeze_base_weights(model)
-        use_fast_layers(model)
-        record_adapters(model, list(config["adapters"]))
+            settings = dict(settings)
+            if settings.pop("merged", False):
+                merged.append(path)
+            plan[find_layer(model, path)] = LoraConfig.from_dict(settings, f"adapter of '{path}'")
+        adapt_model(model, plan, config.get("active_adapter") or "default")
+        for layer in plan:
+            layer.merged = layer.path in merged  # the saved kernel holds the adapter
         return model
 
 
@@ -64,7 +304,7 @@ keras.saving.get_custom_objects()[REGISTERED_NAME] = AdaptedModel
 _adapted_classes = {}
 
 
-def adapted_class(base):
+def _adapted_class(base):
     """The `AdaptedModel` subclass of `base`, made once per class."""
     if base not in _adapted_classes:
         cls = type(base.__name__, (AdaptedModel, base), {"__module__": base.__module__})
@@ -74,8 +314,23 @@ def adapted_class(base):
     return _adapted_classes[base]
 
 
-def forget_adapters(model):
-    """Gives an adapted model its own class back (used by `klora.unload`)."""
-    if isinstance(model, AdaptedModel):
-        model.__class__ = model._klora_base_class
-        del model._klora_paths
+def _record_paths(model, paths):
+    """Remembers on `model` which layer paths it adapted, for `get_config`."""
+    if not isinstance(model, AdaptedModel):
+        model.__class__ = _adapted_class(type(model))
+        object.__setattr__(model, "_klora_paths", ())
+    new = tuple(p for p in paths if p not in model._klora_paths)
+    object.__setattr__(model, "_klora_paths", model._klora_paths + new)
+
+
+def forget_removed_layers(model):
+    """Drops the paths of layers that are no longer LoRA layers from every
+    `AdaptedModel` in `model`; one left with none gets its own class back."""
+    for sub in model._flatten_layers(include_self=True):
+        if isinstance(sub, AdaptedModel):
+            remaining = {l.path for l in adapted_layers(sub)}
+            paths = tuple(p for p in sub._klora_paths if p in remaining)
+            object.__setattr__(sub, "_klora_paths", paths)
+            if not paths:
+                sub.__class__ = sub._klora_base_class
+                del sub._klora_paths

@@ -2,7 +2,7 @@
 
 import math
 
-from klora.apply import adapted_layers
+from klora.adapted_model import adapted_layers
 
 
 def _count(variables):
@@ -20,7 +20,7 @@ def summary(model, print_fn=print):
     >>> klora.summary(classifier)
     adapter params: 73,728 || head params: 770 || trainable params: 74,498 || all params: 22,788,866 || trainable%: 0.3269
     """
-    adapters = [v for l in adapted_layers(model) for v in (l.lora_a, l.lora_b)]
+    adapters = [v for l in adapted_layers(model) for v in l.lora_variables()]
     adapter_ids = {id(v) for v in adapters}
     trainable = model.trainable_weights
     counts = {

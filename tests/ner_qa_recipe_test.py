@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-import klora
 from tests.conftest import TASK_DATA
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
@@ -58,8 +57,6 @@ def test_ner_trains_reports_entity_f1_and_predicts_spans(task_preset, tmp_path, 
     assert os.listdir(tmp_path / "adapter")
     out = capsys.readouterr().out
     assert re.search(r"epoch 2: val_precision [\d.]+, val_recall [\d.]+, val_f1 [\d.]+", out)
-    if not hasattr(klora, "read_adapter_metadata"):
-        pytest.skip("klora.read_adapter_metadata not available yet")
     text = "Maria Lopez flew to Zürich, then Oslo."
     assert ner.main(["predict", "--adapter", str(tmp_path / "adapter"), "--preset", task_preset,
                      text, "Tom"]) == 0
@@ -68,19 +65,40 @@ def test_ner_trains_reports_entity_f1_and_predicts_spans(task_preset, tmp_path, 
     for entity in lines[0]["entities"]:
         assert text[entity["start"]:entity["end"]] == entity["text"]
         assert entity["type"] in ("PER", "LOC", "ORG", "MISC")
+    # An adapter made by PEFT has no klora metadata: the flags supply it.
+    from tests.sentiment_recipe_test import strip_klora_metadata
+
+    strip_klora_metadata(tmp_path / "adapter")
+    predict = ["predict", "--adapter", str(tmp_path / "adapter"), text]
+    assert ner.main(predict) == 2
+    assert "pass --preset, --tags, --max-length" in capsys.readouterr().err
+    tags = json.loads((tmp_path / "metrics.json").read_text())["tags"]
+    assert ner.main(predict + ["--preset", task_preset, "--tags", ",".join(tags),
+                               "--max-length", "64"]) == 0
 
 
-def test_ner_resumes(task_preset, tmp_path, capsys):
+def test_resume_refuses_other_settings_and_corrupt_checkpoints(task_preset, tmp_path, capsys):
     if "distil" in task_preset:
         pytest.skip("resuming is model-independent: checked on the BERT preset only")
     ner = recipe("ner")
     args = ner_args(task_preset, tmp_path, "--patience", "5")
     args[args.index("--epochs") + 1] = "1"
     assert ner.main(args) == 0
-    args[args.index("--epochs") + 1] = "2"
-    capsys.readouterr()
-    assert ner.main(args) == 0
+    changed = list(args)
+    changed[changed.index("--epochs") + 1] = "2"
+    assert ner.main(changed + ["--learning-rate", "0.01"]) == 2
+    error = capsys.readouterr().err
+    assert "epochs: 1 -> 2" in error and "learning_rate: 0.001 -> 0.01" in error
+    assert "--restart" in error
+    assert ner.main(args + ["--patience", "6"]) == 0  # patience only decides when to stop
     assert "Resuming after epoch 1" in capsys.readouterr().out
+    last = tmp_path / "checkpoints" / "last.npz"
+    last.write_bytes(last.read_bytes()[:1000])  # a disk that filled up mid-write, say
+    assert ner.main(args) == 2
+    error = capsys.readouterr().err
+    assert str(last) in error and "truncated or corrupt" in error and "--restart" in error
+    assert ner.main(changed + ["--restart"]) == 0
+    assert "Resuming" not in capsys.readouterr().out
     assert len(json.loads((tmp_path / "history.json").read_text())["val_f1"]) == 2
 
 
@@ -103,8 +121,6 @@ def test_qa_trains_reports_em_f1_and_answers(task_preset, tmp_path, capsys):
     assert qa.main(qa_args(task_preset, tmp_path)) == 0
     metrics = check_outputs(tmp_path, ("val_f1", "val_exact_match"))
     assert 0 <= metrics["validation"]["f1"] <= 100 and metrics["validation_questions"] == 3
-    if not hasattr(klora, "read_adapter_metadata"):
-        pytest.skip("klora.read_adapter_metadata not available yet")
     capsys.readouterr()
     context = "Café Müller opened in Zürich in 1875."
     assert qa.main(["predict", "--adapter", str(tmp_path / "adapter"), "--preset", task_preset,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import klora
-from klora.remat import TransformerEncoder as RematTransformerEncoder
+from klora.speed.remat import TransformerEncoder as RematTransformerEncoder
 from tests.conftest import tiny_bert, to_numpy, token_inputs
 
 jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="jax.checkpoint")

@@ -1,7 +1,7 @@
 """Run the test suite once per Keras backend and print each backend's result.
 
 Backends cannot be switched inside one process, so each gets its own pytest run,
-under tcmalloc when it is installed (see klora.tcmalloc: faster XLA CPU steps).
+under tcmalloc when it is installed (see klora.speed.tcmalloc: faster XLA CPU steps).
 
     python tests/run_backends.py                 # jax, tensorflow, torch
     python tests/run_backends.py -k apply        # extra arguments go to pytest
@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from klora.tcmalloc import preload_environment  # noqa: E402
+from klora.speed.tcmalloc import preload_environment  # noqa: E402
 
 BACKENDS = os.environ.get("KLORA_BACKENDS", "jax tensorflow torch").split()
 COUNTED = ("passed", "failed", "errors", "skipped")

@@ -20,8 +20,8 @@ def test_backbone_keras_round_trip(tmp_path):
     np.testing.assert_array_equal(sequence_output(loaded, x), sequence_output(backbone, x))
     assert [l.path for l in klora.adapted_layers(loaded)] == [
         l.path for l in klora.adapted_layers(backbone)]
-    assert [l.lora_config() for l in klora.adapted_layers(loaded)] == [
-        l.lora_config() for l in klora.adapted_layers(backbone)]
+    assert [l.lora_config for l in klora.adapted_layers(loaded)] == [
+        l.lora_config for l in klora.adapted_layers(backbone)]
     # Still a LoRA model: only adapters train after loading.
     assert {w.name for w in loaded.trainable_weights} == {"lora_a", "lora_b"}
 

@@ -57,6 +57,30 @@ def test_train_writes_every_output_then_predicts(tiny_preset, tmp_path, capsys):
     assert all(l.split("\t")[0] in ("negative", "positive") for l in lines)
 
 
+def strip_klora_metadata(adapter):
+    """The adapter as PEFT would have written it: no klora header in the weights file."""
+    from klora.peft.safetensors import read_safetensors, write_safetensors
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors, metadata = read_safetensors(weights)
+    metadata.pop("klora")
+    weights.write_bytes(write_safetensors(tensors, metadata))
+
+
+def test_predict_with_a_peft_made_adapter_names_the_missing_flags(tiny_preset, tmp_path, capsys):
+    sentiment = recipe()
+    assert sentiment.main(train_args(tiny_preset, tmp_path, "--epochs", "1")) == 0
+    strip_klora_metadata(tmp_path / "adapter")
+    capsys.readouterr()
+    predict = ["predict", "--adapter", str(tmp_path / "adapter"), "a lovely evening"]
+    assert sentiment.main(predict) == 2
+    error = capsys.readouterr().err
+    assert "pass --preset, --labels, --max-length" in error
+    assert sentiment.main(predict + ["--preset", tiny_preset, "--labels", "neg,pos",
+                                     "--max-length", "32"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].split("\t")[0] in ("neg", "pos")
+
+
 def test_resume_after_interruption(tiny_bert_preset, tmp_path, monkeypatch, capsys):
     sentiment = recipe()
     args = train_args(tiny_bert_preset, tmp_path, "--patience", "10")

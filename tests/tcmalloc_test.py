@@ -1,4 +1,4 @@
-"""klora.tcmalloc: finding tcmalloc, preloading it for child processes, relaunching a script."""
+"""klora.speed.tcmalloc: finding tcmalloc, preloading it for child processes, relaunching a script."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 import keras
 import pytest
 
-from klora import tcmalloc
+from klora.speed import tcmalloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The module does not depend on the Keras backend: run the process tests once.
@@ -20,7 +20,7 @@ installed = pytest.mark.skipif(
 SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from klora import tcmalloc
+    from klora.speed import tcmalloc
     tcmalloc.relaunch_under_tcmalloc()
     print("loaded" if tcmalloc.is_loaded() else "not loaded", sys.argv[1:])
 """)

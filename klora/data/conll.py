@@ -14,7 +14,8 @@ import json
 import os
 import re
 
-from klora.data.labelled_text import _decode
+from klora.data.labelled_text import decode_file, split_off
+from klora.data.tfds_text import prepared_builder
 
 TAG = re.compile(r"O|[BIES]-\S+")
 JSONL = (".jsonl", ".json")
@@ -94,7 +95,7 @@ def read_tagged_sentences(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"Data file not found: {path}")
-    text = _decode(path)
+    text = decode_file(path)
     reader = _read_jsonl if path.lower().endswith(JSONL) else _read_conll
     sentences, tags = reader(path, text)
     if not sentences:
@@ -121,12 +122,8 @@ def encode_tags(tags, tag_list, source="data"):
 
 def load_tfds_conll(name, split, data_dir=None):
     """`(sentences, tags)` of a tfds NER set with `tokens` and `ner` features (`conll2003`)."""
-    from klora.data.tfds_text import prepared_builder
-
-    builder = prepared_builder(name, data_dir, "a local CoNLL or JSONL file (--data train.txt)")
-    if split not in builder.info.splits:
-        raise ValueError(f"Dataset '{name}' has no split '{split}'; it has "
-                         f"{list(builder.info.splits)}.")
+    builder = prepared_builder(name, split, data_dir,
+                               "a local CoNLL or JSONL file (--data train.txt)")
     import tensorflow_datasets as tfds
 
     names = builder.info.features["ner"].feature.names
@@ -150,8 +147,6 @@ def load_tagged_splits(data, validation_data=None, validation_fraction=0.1, seed
     else the tfds 'validation' split, else a seeded held-out fraction. Every
     validation tag must occur in the training data.
     """
-    from klora.data.labelled_text import split_off
-
     if _is_file(data):
         sentences, tags = read_tagged_sentences(data)
         if validation_data:

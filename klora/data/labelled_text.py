@@ -12,7 +12,7 @@ import os
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 
 
-def _decode(path):
+def decode_file(path):
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -59,7 +59,7 @@ def read_labelled_text(path, text_column="text", label_column="label"):
         raise ValueError(f"Data file not found: {path}")
     if os.path.splitext(path)[1].lower() not in FORMATS:
         raise ValueError(f"{path}: unknown format; use one of {sorted(FORMATS)}.")
-    columns, rows = _rows(path, _decode(path))
+    columns, rows = _rows(path, decode_file(path))
     if not rows:
         raise ValueError(f"{path}: no examples (the file is empty or has only a header).")
     missing = [c for c in (text_column, label_column) if c not in columns]
@@ -131,7 +131,7 @@ def read_lines(path):
     """Non-empty lines of a UTF-8 text file, e.g. sentences to label."""
     if not os.path.isfile(path):
         raise ValueError(f"File not found: {path}")
-    lines = [line.strip() for line in _decode(path).splitlines() if line.strip()]
+    lines = [line.strip() for line in decode_file(path).splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no non-empty lines.")
     return lines

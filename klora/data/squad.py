@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from klora.data.labelled_text import _decode
+from klora.data.labelled_text import decode_file
+from klora.data.tfds_text import prepared_builder
 from klora.data.word_alignment import split_words
 
 
@@ -36,7 +37,7 @@ def _squad_articles(path):
     if not os.path.isfile(path):
         raise ValueError(f"Data file not found: {path}")
     try:
-        data = json.loads(_decode(path))
+        data = json.loads(decode_file(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
@@ -99,12 +100,8 @@ def split_by_article(examples, fraction, seed=0):
 
 def load_tfds_squad(name, split, data_dir=None):
     """`QAExample`s of a tfds SQuAD split (`squad`, `squad/v1.1`)."""
-    from klora.data.tfds_text import prepared_builder
-
-    builder = prepared_builder(name, data_dir, "a local SQuAD JSON file (--data train.json)")
-    if split not in builder.info.splits:
-        raise ValueError(f"Dataset '{name}' has no split '{split}'; it has "
-                         f"{list(builder.info.splits)}.")
+    builder = prepared_builder(name, split, data_dir,
+                               "a local SQuAD JSON file (--data train.json)")
     import tensorflow_datasets as tfds
 
     examples = []

@@ -20,8 +20,9 @@ def _reachable(address, timeout=3.0):
         return False
 
 
-def prepared_builder(name, data_dir=None, data_hint="a local file"):
-    """The tfds builder of `name`, prepared; fails in seconds when that needs a download."""
+def prepared_builder(name, split, data_dir=None, data_hint="a local file"):
+    """The tfds builder of `name`, prepared and holding `split`; fails in seconds when
+    preparing it needs a download."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -41,6 +42,9 @@ def prepared_builder(name, data_dir=None, data_hint="a local file"):
                 f"machine with network (`tfds build {name}`) and copy the folder."
             )
         builder.download_and_prepare()
+    if split not in builder.info.splits:
+        raise ValueError(f"Dataset '{name}' has no split '{split}'; it has "
+                         f"{list(builder.info.splits)}.")
     return builder
 
 
@@ -51,11 +55,10 @@ def load_tfds_text(name, split, text_feature=None, label_feature=None, data_dir=
     to its only `ClassLabel` feature; name them when there are several.
     """
     builder = prepared_builder(
-        name, data_dir,
+        name, split, data_dir,
         "a local file (--data train.tsv --text-column sentence --label-column label)")
     import tensorflow_datasets as tfds
-    if split not in builder.info.splits:
-        raise ValueError(f"Dataset '{name}' has no split '{split}'; it has {list(builder.info.splits)}.")
+
     features = builder.info.features
     text_feature = text_feature or _only(features, tfds.features.Text, name, "--text-column")
     label_feature = label_feature or _only(features, tfds.features.ClassLabel, name, "--label-column")

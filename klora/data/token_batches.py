@@ -132,6 +132,12 @@ class TokenBatches:
             return int(np.sum(counts // self.batch_size)) + leftover // self.batch_size
         return int(np.sum(counts // self.batch_size)) + math.ceil(leftover / self.batch_size)
 
+    def examples_per_epoch(self):
+        """How many examples one epoch yields (all, unless partial batches are dropped)."""
+        if not self.drop_remainder:
+            return len(self.sequences)
+        return sum(len(i) for i, _ in self.index_batches() if len(i) == self.batch_size)
+
     def _batch(self, indices, length):
         ids = np.full((len(indices), length), self.pad_id, "int32")
         mask = np.zeros_like(ids)

@@ -1,5 +1,5 @@
-from klora.layers.fast_attention import FastMultiHeadAttention
-from klora.layers.fast_dropout import FastDropout
+"""The LoRA layers: one mechanism (`LoRALayer`) on Keras' two linear layers."""
+
+from klora.layers.lora import LoRALayer
 from klora.layers.lora_dense import LoRADense
 from klora.layers.lora_einsum_dense import LoRAEinsumDense
-from klora.layers.lora_layer import LoRALayer

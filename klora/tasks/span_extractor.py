@@ -8,13 +8,13 @@
 
 import keras
 
-from klora.tasks.token_classifier import _head_initializer, sequence_output
+from klora.tasks.encoder_task import EncoderTask, head_initializer, sequence_output
 
 MASKED = -1e4  # fits float16 and bfloat16
 
 
 @keras.saving.register_keras_serializable(package="klora")
-class SpanExtractor(keras.Model):
+class SpanExtractor(EncoderTask):
     """Backbone sequence output -> dropout -> `Dense(2)` named `span_logits`.
 
     Padding positions get a large negative logit, so they are never chosen.
@@ -28,26 +28,18 @@ class SpanExtractor(keras.Model):
     Output: logits of shape `(batch, sequence, 2)`.
     """
 
+    config_fields = ("dropout",)
+
     def __init__(self, backbone, dropout=0.1, **kwargs):
         inputs = backbone.input
         x = sequence_output(backbone, inputs)
         x = keras.layers.Dropout(dropout, name="span_dropout")(x)
-        logits = keras.layers.Dense(2, kernel_initializer=_head_initializer(backbone),
+        logits = keras.layers.Dense(2, kernel_initializer=head_initializer(),
                                     name="span_logits")(x)
         mask = keras.ops.expand_dims(keras.ops.cast(inputs["padding_mask"], logits.dtype), -1)
         logits = logits * mask + (1.0 - mask) * MASKED
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         self.backbone, self.dropout = backbone, dropout
-
-    def get_config(self):
-        return {"backbone": keras.layers.serialize(self.backbone), "dropout": self.dropout,
-                "name": self.name, "trainable": self.trainable}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.layers.deserialize(config["backbone"])
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="klora")

@@ -10,20 +10,11 @@
 import keras
 
 from klora.data.word_alignment import IGNORE
-
-
-def sequence_output(backbone, inputs):
-    """Per-token features: BERT returns a dict with `sequence_output`, DistilBERT a tensor."""
-    outputs = backbone(inputs)
-    return outputs["sequence_output"] if isinstance(outputs, dict) else outputs
-
-
-def _head_initializer(backbone):
-    return keras.initializers.TruncatedNormal(stddev=0.02)
+from klora.tasks.encoder_task import EncoderTask, head_initializer, sequence_output
 
 
 @keras.saving.register_keras_serializable(package="klora")
-class TokenClassifier(keras.Model):
+class TokenClassifier(EncoderTask):
     """Backbone sequence output -> dropout -> `Dense(num_tags)` named `token_logits`.
 
     Args:
@@ -35,24 +26,16 @@ class TokenClassifier(keras.Model):
     Output: logits of shape `(batch, sequence, num_tags)`.
     """
 
+    config_fields = ("num_tags", "dropout")
+
     def __init__(self, backbone, num_tags, dropout=0.1, **kwargs):
         inputs = backbone.input
         x = sequence_output(backbone, inputs)
         x = keras.layers.Dropout(dropout, name="token_dropout")(x)
-        logits = keras.layers.Dense(num_tags, kernel_initializer=_head_initializer(backbone),
+        logits = keras.layers.Dense(num_tags, kernel_initializer=head_initializer(),
                                     name="token_logits")(x)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         self.backbone, self.num_tags, self.dropout = backbone, num_tags, dropout
-
-    def get_config(self):
-        return {"backbone": keras.layers.serialize(self.backbone), "num_tags": self.num_tags,
-                "dropout": self.dropout, "name": self.name, "trainable": self.trainable}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.layers.deserialize(config["backbone"])
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="klora")

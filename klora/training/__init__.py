@@ -1,7 +1,7 @@
 from klora.training.arguments import (add_training_arguments, check_training_arguments,
-                                      exit_code, lora_targets)
+                                      exit_code, lora_config, lora_targets)
 from klora.training.checkpoint import ResumableTraining
+from klora.training.evaluation import EpochEvaluation
 from klora.training.fine_tune import adamw_with_warmup, fine_tune
 from klora.training.plot import plot_history
-from klora.training.evaluation import EpochEvaluation
-from klora.training.task_model import build_task_model
+from klora.training.task_model import check_max_length, load_task_model

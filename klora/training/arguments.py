@@ -9,7 +9,12 @@ import sys
 
 import keras
 
+from klora.config import LoraConfig
 from klora.distribution import add_distribution_arguments
+
+# Flags that may change when a run resumes: they do not change what is trained.
+RESUMABLE_CHANGES = {"output_dir", "patience", "distribution", "model_parallel",
+                     "coordinator_address", "remat", "restart", "command"}
 
 
 def add_training_arguments(parser, **defaults):
@@ -28,9 +33,11 @@ def add_training_arguments(parser, **defaults):
         help="validation file, or split name of a tfds set (default: its 'validation' "
              "split, else a held-out --validation-fraction)")
     add("--validation-fraction", type=float, default=values["validation_fraction"])
-    add("--rank", type=int, default=values["rank"], help="LoRA rank")
-    add("--alpha", type=float, default=values["alpha"], help="LoRA scale numerator")
-    add("--dropout", type=float, default=values["dropout"], help="LoRA dropout")
+    add("--rank", type=int, default=values["rank"], help="LoRA rank (PEFT: r)")
+    add("--alpha", type=float, default=values["alpha"],
+        help="LoRA scale numerator: updates are scaled by alpha / rank (PEFT: lora_alpha)")
+    add("--dropout", type=float, default=values["dropout"],
+        help="dropout on the adapters' inputs (PEFT: lora_dropout)")
     add("--targets", default=values["targets"],
         help="comma-separated layer names or path regexes, or 'all-linear'")
     add("--learning-rate", type=float, default=values["learning_rate"])
@@ -41,10 +48,14 @@ def add_training_arguments(parser, **defaults):
     add("--patience", type=int, default=values["patience"],
         help="stop after this many epochs without a better validation score")
     add("--remat", action="store_true",
-        help="rematerialize transformer-block activations (JAX): less memory; "
-             "faster at long sequences with query/value adapters (see bench/remat.py)")
-    add("--seed", type=int, default=values["seed"])
-    add("--output-dir", default=values["output_dir"])
+        help="rematerialize transformer-block activations (JAX): less memory at a few "
+             "percent of step time (see bench/results/remat.md)")
+    add("--seed", type=int, default=values["seed"],
+        help="seeds data order, head and adapters (every layer gets its own stream)")
+    add("--output-dir", default=values["output_dir"],
+        help="rerunning the same command resumes from its checkpoints")
+    add("--restart", action="store_true",
+        help="delete the output folder's checkpoints and train from the start")
     add_distribution_arguments(parser)
     return parser
 
@@ -85,6 +96,42 @@ def lora_targets(args):
     if args.targets == "all-linear":
         return "all-linear"
     return tuple(t.strip() for t in args.targets.split(",") if t.strip())
+
+
+def lora_config(args):
+    """The `klora.LoraConfig` of `--rank`, `--alpha`, `--dropout` and `--seed`."""
+    return LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, seed=args.seed)
+
+
+def from_adapter(args, metadata, flags):
+    """Settings a saved adapter's `metadata` holds, or the flags that override them.
+
+    `flags` maps metadata keys to `(flag, parse)`; a value comes from the flag
+    when given, else from `metadata`. An adapter made by PEFT has no klora
+    metadata: a `ValueError` names every flag that must then supply a value.
+
+    >>> from_adapter(args, metadata, {"base_model": ("--preset", str)})
+    {'base_model': 'minilm'}
+    """
+    values, missing = {}, []
+    for key, (flag, parse) in flags.items():
+        given = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if given is not None:
+            values[key] = parse(given)
+        elif metadata.get(key) is not None:
+            values[key] = metadata[key]
+        else:
+            missing.append(flag)
+    if missing:
+        raise ValueError(f"The adapter does not record {', '.join(k for k in flags if k not in values)} "
+                         f"(an adapter made by PEFT, or by another tool): pass "
+                         f"{', '.join(missing)}.")
+    return values
+
+
+def run_settings(args):
+    """The flags that decide what a run trains (a resumed run must keep them)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_CHANGES}
 
 
 def exit_code(command, args):

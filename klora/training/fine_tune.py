@@ -1,11 +1,14 @@
-"""The training loop every recipe shares: compile, resume, fit, write outputs.
+"""The training loop every recipe shares: compile, resume, fit, score, write outputs.
 
->>> metrics = fine_tune(classifier, train_batches, val_batches, args,
-...                     loss=..., metrics=[...], monitor="val_accuracy")
+>>> results = fine_tune(classifier, train_batches, args, loss=...,
+...                     evaluate=lambda model: {"accuracy": ...}, monitor="val_accuracy")
 
-Writes to `args.output_dir`: `checkpoints/` (per epoch, for resuming),
-`history.json`, `metrics.json` and `curves.png`. The model ends with the
-weights of its best validation epoch.
+`evaluate(model)` scores the validation set after every epoch from the
+model's predictions on every example (padded to full batches, so nothing is
+dropped on any number of devices); its numbers enter the logs prefixed `val_`.
+Writes to `args.output_dir`: `checkpoints/` (per epoch, for resuming; the run's
+settings are checked on resume), `history.json` and `curves.png`. The model
+ends with the weights of its best validation epoch.
 
 Under a `keras.distribution` (see `klora.distribution`), each host feeds its
 shard of every global batch, and only the primary process (process 0) writes
@@ -14,13 +17,16 @@ checkpoints in `checkpoints/process-N/`.
 """
 
 import os
+import shutil
 import time
 
 import keras
 
 from klora.atomic import write_json
 from klora.distribution import is_primary_process, process_index, shard_batches
+from klora.training.arguments import run_settings
 from klora.training.checkpoint import ResumableTraining
+from klora.training.evaluation import EpochEvaluation
 from klora.training.plot import plot_history
 
 
@@ -33,13 +39,31 @@ def adamw_with_warmup(learning_rate, total_steps, warmup_fraction=0.1, weight_de
     return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
 
 
-def fine_tune(model, train_batches, val_batches, args, loss, metrics, monitor="val_accuracy",
-              mode="max", callbacks=(), title=None):
-    """Trains `model` with resumable checkpoints and early stopping; returns final metrics.
+def _sharded_training_batches(batches):
+    sharded = shard_batches(batches)
+    dropped = batches.examples_per_epoch() - sharded.examples_per_epoch()
+    if dropped:
+        print(f"Training uses full global batches only: {dropped} of "
+              f"{batches.examples_per_epoch()} examples (a different few each epoch) are "
+              "left out of every epoch. Validation scores every example.")
+    return sharded
 
-    `train_batches` / `val_batches` are `TokenBatches`-like objects with
-    `dataset(...)` and `len()`. `callbacks` run before checkpointing each epoch
-    (an evaluation callback adding `val_f1` to the logs, say).
+
+def fine_tune(model, train_batches, args, loss, evaluate, metrics=(), monitor="val_accuracy",
+              mode="max", callbacks=(), title=None):
+    """Trains `model` with resumable checkpoints and early stopping; returns final results.
+
+    Args:
+        model: The model to train (adapted with `klora.apply`, or not).
+        train_batches: A `klora.data.TokenBatches` of the training set.
+        args: The recipe's flags (`add_training_arguments`).
+        loss: The training loss.
+        evaluate: `evaluate(model) -> {name: value}` on the validation set.
+        metrics: Keras metrics reported on the training batches.
+        monitor, mode: The validation score that picks the best epoch.
+        callbacks: More Keras callbacks; they run after the validation scores are in
+            the logs and before the epoch's checkpoint.
+        title: Title of `curves.png`.
     """
     if getattr(args, "distribution", "none") != "none" and keras.distribution.distribution() is None:
         raise ValueError(f"--distribution {args.distribution} was not configured: call "
@@ -47,21 +71,24 @@ def fine_tune(model, train_batches, val_batches, args, loss, metrics, monitor="v
                          "the model.")
     model.compile(optimizer=adamw_with_warmup(args.learning_rate, len(train_batches) * args.epochs),
                   loss=loss, metrics=list(metrics))
-    train_batches, val_batches = shard_batches(train_batches), shard_batches(val_batches)
-    os.makedirs(args.output_dir, exist_ok=True)
+    train_batches = _sharded_training_batches(train_batches)
     checkpoints = os.path.join(args.output_dir, "checkpoints")
+    if args.restart and is_primary_process():
+        shutil.rmtree(checkpoints, ignore_errors=True)
     if not is_primary_process():
         checkpoints = os.path.join(checkpoints, f"process-{process_index()}")
-    training = ResumableTraining(checkpoints,
-                                 monitor=monitor, mode=mode, patience=args.patience)
+    os.makedirs(args.output_dir, exist_ok=True)
+    training = ResumableTraining(checkpoints, monitor=monitor, mode=mode,
+                                 patience=args.patience, settings=run_settings(args))
     done = training.resume(model)
     if done:
-        print(f"Resuming after epoch {done} from {args.output_dir}/checkpoints")
+        print(f"Resuming after epoch {done} from {checkpoints}")
     start = time.time()
     if done < args.epochs and not training.stopped_early():
         model.fit(train_batches.dataset(shuffle=True, seed=args.seed, first_epoch=done),
-                  validation_data=val_batches.dataset(), epochs=args.epochs, initial_epoch=done,
-                  callbacks=[*callbacks, training], verbose=2 if os.environ.get("CI") else 1)
+                  epochs=args.epochs, initial_epoch=done,
+                  callbacks=[EpochEvaluation(evaluate), *callbacks, training],
+                  verbose=2 if os.environ.get("CI") else 1)
     best = training.restore_best()
     results = {"best_epoch": None if best is None else best + 1,
                "epochs_run": len(training.history.get("loss", [])),

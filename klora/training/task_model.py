@@ -1,32 +1,24 @@
-"""A recipe's model from its flags: backbone, length check, task head, LoRA."""
+"""A recipe's model from its flags: the backbone of `--preset` under a task head."""
 
 import keras
 
-import klora
 from klora.presets import load_backbone, max_sequence_length
-from klora.training.arguments import lora_targets
 
 
-def build_task_model(args, head, lora=True):
-    """`(model, tokenizer)`: `head(backbone)` on `args.preset`'s backbone, with LoRA from the flags.
-
-    Seeds Keras with `--seed`, rejects a `--max-length` beyond the backbone's
-    position embedding, (unless `lora=False`, full fine-tuning) applies
-    `--rank/--alpha/--dropout/--targets` adapters to the backbone, and with
-    `--remat` rematerializes its transformer blocks.
-
-    >>> model, tokenizer = build_task_model(args, lambda backbone: SpanExtractor(backbone))
-    """
-    keras.utils.set_random_seed(args.seed)
-    backbone, tokenizer = load_backbone(args.preset)
+def check_max_length(args, backbone):
+    """Raises a `ValueError` if `--max-length` exceeds the backbone's position embedding."""
     limit = max_sequence_length(backbone)
     if args.max_length > limit:
         raise ValueError(f"--max-length {args.max_length} exceeds the model's limit of {limit}.")
-    model = head(backbone)
-    if lora:
-        klora.apply(model.backbone, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                    targets=lora_targets(args), seed=args.seed)
-        klora.summary(model)
-    if args.remat:
-        klora.enable_remat(model)
-    return model, tokenizer
+
+
+def load_task_model(args, head):
+    """`(model, tokenizer)`: `head(backbone)` on `args.preset`'s backbone, seeded by `--seed`.
+
+    >>> model, tokenizer = load_task_model(args, SpanExtractor)
+    >>> klora.apply(model, config=lora_config(args), targets=lora_targets(args))
+    """
+    keras.utils.set_random_seed(args.seed)
+    backbone, tokenizer = load_backbone(args.preset)
+    check_max_length(args, backbone)
+    return head(backbone), tokenizer

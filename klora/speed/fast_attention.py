@@ -20,7 +20,7 @@ import os
 import keras
 from keras import ops
 
-from klora.layers.fast_dropout import MAX_MASK_SIZE, FastDropout, jax_dropout
+from klora.speed.fast_dropout import MAX_MASK_SIZE, FastDropout, jax_dropout
 
 
 def cpu_cores():
@@ -61,7 +61,7 @@ class FastMultiHeadAttention(keras.layers.MultiHeadAttention):
     Same arguments, config, weights and results as Keras' class. `klora.apply`
     turns a model's `MultiHeadAttention` layers into this class in place, and
     its `Dropout` layers (this layer's attention dropout among them) into
-    `FastDropout` (see `klora.fast_layers`).
+    `FastDropout` (see `klora.speed.fast_layers`).
     """
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None,

@@ -119,3 +119,18 @@ def peft_module_names(model):
             name = _backbone_name(arch, layer.path) if arch else None
             names[name or layer.path] = layer
     return names
+
+
+def resolve_module(module, names, model):
+    """The key in `names` (from `peft_module_names(model)`) of a file's module name,
+    allowing the `bert.` / `distilbert.` prefix to differ between a Task and a
+    backbone; `None` if the model has no such module."""
+    if module in names:
+        return module
+    arch = architecture(model)
+    if arch and is_task(model) and f"{arch}.{module}" in names:
+        return f"{arch}.{module}"
+    if arch and not is_task(model) and module.startswith(f"{arch}.") and \
+            module[len(arch) + 1:] in names:
+        return module[len(arch) + 1:]
+    return None

@@ -104,11 +104,11 @@ def dropout(inputs, rate, seed_generator, noise_shape=None):
 
 @keras.saving.register_keras_serializable(package="klora")
 class FastDropout(keras.layers.Dropout):
-    """`keras.layers.Dropout` drawing its mask with `klora.layers.fast_dropout.dropout`.
+    """`keras.layers.Dropout` drawing its mask with `klora.speed.fast_dropout.dropout`.
 
     Same arguments, config and statistics as `keras.layers.Dropout`.
     `klora.apply` turns a model's `Dropout` layers into this class in place
-    (see `klora.fast_layers`).
+    (see `klora.speed.fast_layers`).
     """
 
     def call(self, inputs, training=False):

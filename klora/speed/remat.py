@@ -27,7 +27,7 @@ are not offered.
 import keras
 import keras_hub
 
-from klora.fast_layers import swap_classes
+from klora.speed.fast_layers import swap_classes
 
 
 @keras.saving.register_keras_serializable(package="klora")

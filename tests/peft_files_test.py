@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import klora
-from klora import adapter_files
+from klora.peft.safetensors import read_safetensors
 from tests.conftest import (randomize_adapters, sequence_output, tiny_bert, tiny_distil_bert,
                             token_inputs, to_numpy)
 
@@ -62,10 +62,72 @@ def test_round_trip_reproduces_outputs_exactly(arch, task, tmp_path):
         model, print_fn=lambda _: None)
 
 
+def _layer_norm_trained(arch, weights):
+    model = fresh(arch, weights)
+    klora.apply(model, rank=2, seed=1)
+    variable = next(v for v in model.weights if v.path.endswith("_layer_norm/gamma"))
+    variable.trainable = True
+    variable.assign(variable + 0.5)
+    return model
+
+
+def _mixed_ranks(arch, weights):
+    model = fresh(arch, weights, task=True)
+    klora.apply(model, rank=2, targets=("value",), seed=1)
+    klora.apply(model, rank=4, alpha=3, targets=("query",), seed=2)
+    return model
+
+
+def _named(arch, weights):
+    """A classifier whose inactive adapter "a" (with its own head) is the one saved."""
+    model = fresh(arch, weights, task=True)
+    klora.apply(model, rank=2, adapter_name="a", seed=1)
+    randomize_adapters(model, seed=4)
+    model.get_layer("logits").kernel.assign(model.get_layer("logits").kernel + 1.0)
+    klora.apply(model, rank=3, targets=("key",), adapter_name="b", seed=2)
+    return model
+
+
+ROUND_TRIPS = {  # name: (arch, task, build(arch, base weights) -> model, adapter saved)
+    "head_targeted": ("bert", True, lambda a, w: klora.apply(
+        fresh(a, w, task=True), rank=2, targets=("query", "logits"), seed=1), None),
+    "extra_trainable": ("bert", False, _layer_norm_trained, None),
+    "all_linear_classifier": ("bert", True, lambda a, w: klora.apply(
+        fresh(a, w, task=True), rank=2, targets="all-linear", dropout=0.1, seed=1), None),
+    "mixed_ranks": ("bert", True, _mixed_ranks, None),
+    "distil_bert_classifier": ("distil_bert", True, lambda a, w: klora.apply(
+        fresh(a, w, task=True), rank=2, targets="all-linear", use_rslora=True), None),
+    "distil_bert_backbone": ("distil_bert", False, lambda a, w: klora.apply(
+        fresh(a, w), rank=2, init="gaussian", seed=3), None),
+    "named_inactive": ("bert", True, _named, "a"),
+    "named_active": ("distil_bert", True, _named, "b"),
+}
+
+
+@pytest.mark.parametrize("case", ROUND_TRIPS)
+def test_every_saved_adapter_loads_back_with_equal_outputs(case, tmp_path):
+    arch, task, build, name = ROUND_TRIPS[case]
+    weights = BACKBONES[arch]().get_weights()
+    keras.utils.set_random_seed(0)
+    model = build(arch, weights)
+    randomize_adapters(model, seed=7)
+    if name is not None:
+        klora.set_adapter(model, name)
+    x = token_inputs(getattr(model, "backbone", model))
+    expected = outputs(model, x)
+    klora.save_adapter(model, tmp_path / "adapter")
+    keras.utils.set_random_seed(1)  # a fresh head differs from the saved one
+    loaded = fresh(arch, weights, task)
+    klora.load_adapter(loaded, tmp_path / "adapter")
+    np.testing.assert_allclose(outputs(loaded, x), expected, rtol=1e-6, atol=1e-6)
+    assert klora.summary(loaded, print_fn=None or (lambda _: None))["trainable"] == \
+        klora.summary(model, print_fn=lambda _: None)["trainable"]
+
+
 def test_peft_names_shapes_and_config(tmp_path):
     model, _ = trained("bert", targets=("query", "attention_output"), rank=2, alpha=6)
     klora.save_adapter(model, tmp_path)
-    tensors, metadata = adapter_files.read_safetensors(tmp_path / "adapter_model.safetensors")
+    tensors, metadata = read_safetensors(tmp_path / "adapter_model.safetensors")
     assert tensors["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
                    ].shape == (2, 8)
     assert tensors["base_model.model.encoder.layer.1.attention.output.dense.lora_B.weight"
@@ -77,7 +139,7 @@ def test_peft_names_shapes_and_config(tmp_path):
     assert "encoder.layer.0.attention.self.query" in config["target_modules"]
     distil, _ = trained("distil_bert", task=True)
     klora.save_adapter(distil, tmp_path / "d")
-    tensors, _ = adapter_files.read_safetensors(tmp_path / "d" / "adapter_model.safetensors")
+    tensors, _ = read_safetensors(tmp_path / "d" / "adapter_model.safetensors")
     assert "base_model.model.distilbert.transformer.layer.1.attention.q_lin.lora_A.weight" \
         in tensors
     assert tensors["base_model.model.classifier.weight"].shape == (3, 8)
@@ -126,37 +188,13 @@ def test_custom_model_falls_back_to_layer_paths(tmp_path):
     model.get_layer("out").kernel.trainable = True  # a trained "head"
     model.get_layer("out").kernel.assign(np.ones((5, 3), "float32"))
     klora.save_adapter(model, tmp_path)
-    tensors, _ = adapter_files.read_safetensors(tmp_path / "adapter_model.safetensors")
+    tensors, _ = read_safetensors(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.hidden.lora_A.weight" in tensors
     loaded = build()
     loaded.set_weights(weights)
     klora.load_adapter(loaded, tmp_path)
     x = np.random.default_rng(0).normal(size=(2, 6)).astype("float32")
     np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(model(x)))
-
-
-def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
-    model, weights = trained("bert")
-    x = token_inputs(model)
-    expected = sequence_output(model, x)
-    klora.save_adapter(model, tmp_path)
-    randomize_adapters(model, seed=9)
-    calls = []
-    original = adapter_files._atomic_write
-
-    def crash_on_second(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        return original(*args)
-
-    monkeypatch.setattr(adapter_files, "_atomic_write", crash_on_second)
-    with pytest.raises(OSError, match="disk full"):
-        klora.save_adapter(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded = fresh("bert", weights)
-    klora.load_adapter(loaded, tmp_path)
-    np.testing.assert_array_equal(sequence_output(loaded, x), expected)
 
 
 # ------------------------------------------------------------------ bad input
@@ -192,7 +230,7 @@ def edit_tensors(directory, edit):
     from safetensors.numpy import save_file
 
     filename = directory / "adapter_model.safetensors"
-    tensors, metadata = adapter_files.read_safetensors(filename)
+    tensors, metadata = read_safetensors(filename)
     metadata.pop("klora")  # as a PEFT-made file: no config hash
     save_file(edit(dict(tensors)), str(filename), metadata=metadata)
 
