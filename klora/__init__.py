@@ -5,6 +5,7 @@ from klora.adapters import delete_adapter, disable_adapters, set_adapter
 from klora.apply import apply
 from klora.config import LoraConfig
 from klora.layers import LoRADense, LoRAEinsumDense
+from klora.loraplus import loraplus
 from klora.merge import merge, unload, unmerge
 from klora.peft import load_adapter, read_adapter_metadata, save_adapter
 from klora.speed import disable_remat, enable_remat

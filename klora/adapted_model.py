@@ -24,6 +24,7 @@ from keras.src.saving import object_registration
 
 from klora.config import LoraConfig
 from klora.layers import LoRADense, LoRAEinsumDense, LoRALayer
+from klora.layers.quantized import quantizes_inputs
 from klora.speed.fast_layers import use_fast_layers
 
 LORA_CLASSES = {keras.layers.Dense: LoRADense, keras.layers.EinsumDense: LoRAEinsumDense}
@@ -114,10 +115,35 @@ def check_adaptable(model, plan, adapter_name):
     if len(set(paths)) != len(paths):
         raise ValueError(f"Layers to adapt share a path, so adapters cannot be recorded: {paths}")
     for layer, config in plan.items():
-        lora_class(layer).check_rank(layer, config.rank)
+        lora_class(layer).check_adaptable(layer, config)
+    _check_base_changes(model, plan, adapter_name)
+    scope = frozen_scope(model)
+    inside = {id(l) for l in scope._flatten_layers(include_self=True)}
+    quantized_heads = [l.path for l in model._flatten_layers(include_self=False)
+                       if scope is not model and id(l) not in inside
+                       and getattr(l, "quantization_mode", None) is not None]
+    if quantized_heads:
+        raise ValueError(f"The head of '{model.name}' is quantized ({quantized_heads}), so it "
+                         "cannot train: quantize the backbone (`model.backbone.quantize(...)`), "
+                         "not the Task.")
 
 
-def adapt_model(model, plan, adapter_name, values=None, trainable=()):
+def _check_base_changes(model, plan, adapter_name):
+    """PiSSA / OLoRA adapters replace the base kernel by a residual, which every other
+    adapter of the layer would see: such an adapter must be the model's only one."""
+    others = [n for n in adapter_names(model) if n != adapter_name]
+    changing = [l for l in adapted_layers(model)
+                if any(l.adapter_config(n).changes_base for n in l.adapter_names)]
+    if any(c.changes_base for c in plan.values()) and others:
+        raise ValueError(f"init={next(iter(plan.values())).init!r} replaces the base kernels "
+                         f"by residuals, which the model's other adapters {others} would see: "
+                         "use it on a model without adapters (or another init).")
+    if changing and any(n != adapter_name for l in changing for n in l.adapter_names):
+        raise ValueError(f"Model '{model.name}' holds a PiSSA / OLoRA adapter, whose base "
+                         "kernels are residuals: it cannot take other adapters.")
+
+
+def adapt_model(model, plan, adapter_name, values=None, trainable=(), initialize=True):
     """Adds adapter `adapter_name` to `model` (or to more of its layers) and makes it active.
 
     Args:
@@ -128,6 +154,8 @@ def adapt_model(model, plan, adapter_name, values=None, trainable=()):
             `LoRALayer.adapter_values`); other layers are initialized.
         trainable: Other variables that train with this adapter (they stay
             trainable when the base is frozen).
+        initialize: Whether kernel-based inits (PiSSA, OLoRA) decompose the kernel;
+            `False` when the adapter's values, and the kernel's, will be loaded.
 
     Everything is checked before anything changes. The plain layers become
     LoRA layers, every base weight is frozen, the fast layers are installed
@@ -144,7 +172,7 @@ def adapt_model(model, plan, adapter_name, values=None, trainable=()):
         if isinstance(layer, LoRALayer):
             layer.add_adapter(adapter_name, config, values.get(layer))
         else:
-            lora_class(layer).convert(layer, config, adapter_name)
+            lora_class(layer).convert(layer, config, adapter_name, initialize)
             for name, value in values.get(layer, {}).items():
                 getattr(layer, name).assign(value)
     freeze_base_weights(model)
@@ -268,6 +296,11 @@ def find_layer(model, path):
 class AdaptedModel:
     """Mixin placed in front of an adapted model's own class, for `.keras` saving."""
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        raise ValueError(f"Model '{self.name}' holds LoRA adapters: quantize it before "
+                         "`klora.apply` (a Task's backbone, so that its head stays float). "
+                         "Nothing was quantized.")
+
     def get_config(self):
         adapted_class = type(self)
         self.__class__ = self._klora_base_class
@@ -279,7 +312,8 @@ class AdaptedModel:
         for path in self._klora_paths:
             layer = find_layer(self, path)
             if isinstance(layer, LoRALayer) and layer.active_adapter is not None:
-                adapters[path] = {**layer.lora_config.to_dict(), "merged": layer.merged}
+                adapters[path] = {**layer.lora_config.to_dict(), "merged": layer.merged,
+                                  "quantizes_inputs": quantizes_inputs(layer)}
                 active = layer.active_adapter
         # Only the active adapter is saved (in the layers' variables).
         return {"model": model, "adapters": adapters, "active_adapter": active}
@@ -288,15 +322,19 @@ class AdaptedModel:
     def from_config(cls, config, custom_objects=None):
         model = keras.saving.deserialize_keras_object(config["model"],
                                                       custom_objects=custom_objects)
-        plan, merged = {}, []
+        plan, states = {}, {}
         for path, settings in config["adapters"].items():
             settings = dict(settings)
-            if settings.pop("merged", False):
-                merged.append(path)
-            plan[find_layer(model, path)] = LoraConfig.from_dict(settings, f"adapter of '{path}'")
-        adapt_model(model, plan, config.get("active_adapter") or "default")
-        for layer in plan:
-            layer.merged = layer.path in merged  # the saved kernel holds the adapter
+            layer = find_layer(model, path)
+            states[layer] = (settings.pop("merged", False), settings.pop("quantizes_inputs", None))
+            plan[layer] = LoraConfig.from_dict(settings, f"adapter of '{path}'")
+        adapt_model(model, plan, config.get("active_adapter") or "default", initialize=False)
+        for layer, (merged, inputs) in states.items():
+            layer.merged = merged  # the saved kernel holds the adapter
+            if inputs is False and quantizes_inputs(layer):
+                # keras-hub rebuilds quantized layers with Keras' default int8 config,
+                # which quantizes activations: a weight-only layer must not.
+                layer.inputs_quantizer = None
         return model
 
 
@@ -319,6 +357,8 @@ def _record_paths(model, paths):
     if not isinstance(model, AdaptedModel):
         model.__class__ = _adapted_class(type(model))
         object.__setattr__(model, "_klora_paths", ())
+        # Keras binds `quantize` to each instance: let the class's refusal answer.
+        object.__setattr__(model, "_keras_quantize", vars(model).pop("quantize", None))
     new = tuple(p for p in paths if p not in model._klora_paths)
     object.__setattr__(model, "_klora_paths", model._klora_paths + new)
 
@@ -333,4 +373,6 @@ def forget_removed_layers(model):
             object.__setattr__(sub, "_klora_paths", paths)
             if not paths:
                 sub.__class__ = sub._klora_base_class
-                del sub._klora_paths
+                if sub._keras_quantize is not None:
+                    object.__setattr__(sub, "quantize", sub._keras_quantize)
+                del sub._klora_paths, sub._keras_quantize

@@ -64,6 +64,45 @@ def target_layers(model, targets=("query", "value"), exclude=()):
     return chosen
 
 
+def _match_pattern(pattern, layer, default):
+    """The value of the first key of `pattern` that names or matches `layer`, or `default`."""
+    for key, value in pattern.items():
+        if _matches(key, layer):
+            return value
+    return default
+
+
+def _check_patterns(patterns, layers):
+    for argument, pattern in patterns.items():
+        if not isinstance(pattern, dict):
+            raise ValueError(f"`{argument}` must be a dict of layer names or path patterns to "
+                             f"values. Received: {argument}={pattern!r}")
+        _names(tuple(pattern), argument)
+        unmatched = [k for k in pattern if not any(_matches(k, l) for l in layers)]
+        if unmatched:
+            raise ValueError(f"`{argument}` keys {unmatched} match none of the adapted layers "
+                             f"({sorted({l.name for l in layers})}); keys are layer names or "
+                             "full-match regexes on `layer.path`, like `targets`.")
+
+
+def _in_blocks(layers, blocks):
+    """The layers inside the transformer blocks numbered `blocks` (PEFT's layers_to_transform)."""
+    if blocks is None:
+        return layers
+    blocks = [blocks] if isinstance(blocks, int) else list(blocks)
+    if not blocks or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0
+                             for b in blocks):
+        raise ValueError(f"`layers_to_transform` must be a block index or a list of them. "
+                         f"Received: {blocks!r}")
+    index = {l: re.search(r"(?:^|/)transformer_layer_(\d+)/", l.path or "") for l in layers}
+    present = {int(m.group(1)) for m in index.values() if m}
+    missing = sorted(set(blocks) - present)
+    if missing:
+        raise ValueError(f"`layers_to_transform` names blocks {missing}, but the targeted "
+                         f"layers lie in blocks {sorted(present)}.")
+    return [l for l in layers if index[l] and int(index[l].group(1)) in blocks]
+
+
 def _config(config, settings):
     if config is None:
         return LoraConfig(**settings)
@@ -79,6 +118,7 @@ def _config(config, settings):
 
 def apply(model, rank=8, alpha=None, dropout=0.0, targets=("query", "value"), exclude=(),
           use_rslora=False, init="kaiming", seed=None, adapter_name=DEFAULT_ADAPTER,
+          use_dora=False, rank_pattern=None, alpha_pattern=None, layers_to_transform=None,
           config=None):
     """Adds LoRA adapters to a built Keras model in place and freezes its base weights.
 
@@ -102,13 +142,22 @@ def apply(model, rank=8, alpha=None, dropout=0.0, targets=("query", "value"), ex
             single string `"all-linear"` for every linear layer of the backbone.
         exclude: Names or path patterns of layers to leave alone.
         use_rslora: Scale by `alpha / sqrt(rank)` (rank-stabilized LoRA).
-        init: `"kaiming"` (PEFT's default) or `"gaussian"` initialization of A.
+        init: `"kaiming"` (PEFT's default) or `"gaussian"` random `A`; or
+            `"pissa"`, `"pissa_niter_N"`, `"olora"`, which start `A`, `B` from
+            the base kernel's SVD / QR and leave it the residual (see
+            `klora.LoraConfig`).
         seed: Optional integer seed; every layer gets its own seed derived from
             it (`klora.config.derive_seed`), so the same seed gives the same
             model and no two layers share `A` or dropout masks.
         adapter_name: Name of the adapter. A model can hold several named
             adapters (see `klora.set_adapter`); adding one makes it active.
-        config: A `klora.LoraConfig` instead of `rank` ... `seed`.
+        use_dora: Weight-decomposed LoRA (DoRA).
+        rank_pattern, alpha_pattern: `{layer name or path regex: rank / alpha}`
+            for layers that differ from `rank` / `alpha` (matched like
+            `targets`; the first matching key wins; every key must match).
+        layers_to_transform: A transformer block index or a list of them: only
+            targeted layers inside those blocks are adapted.
+        config: A `klora.LoraConfig` instead of `rank` ... `seed`, `use_dora`.
 
     Returns:
         `model`, adapted.
@@ -120,8 +169,16 @@ def apply(model, rank=8, alpha=None, dropout=0.0, targets=("query", "value"), ex
     >>> klora.summary(backbone)
     """
     config = _config(config, dict(rank=rank, alpha=alpha, dropout=dropout,
-                                  use_rslora=use_rslora, init=init, seed=seed))
+                                  use_rslora=use_rslora, init=init, seed=seed,
+                                  use_dora=use_dora))
     check_built(model)
-    plan = {l: config.replace(seed=derive_seed(config.seed, adapter_name, l.path))
-            for l in target_layers(model, targets, exclude)}
+    layers = _in_blocks(target_layers(model, targets, exclude), layers_to_transform)
+    patterns = {"rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}}
+    _check_patterns(patterns, layers)
+    plan = {}
+    for layer in layers:  # each layer its own seed, and the rank and alpha of its pattern
+        plan[layer] = config.replace(
+            seed=derive_seed(config.seed, adapter_name, layer.path),
+            rank=_match_pattern(patterns["rank_pattern"], layer, config.rank),
+            alpha=_match_pattern(patterns["alpha_pattern"], layer, config.alpha))
     return adapt_model(model, plan, adapter_name)

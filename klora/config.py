@@ -12,6 +12,7 @@ PEFT's `LoraConfig`:
 | `dropout`   | `lora_dropout`                                   |
 | `use_rslora`| `use_rslora`                                     |
 | `init`      | `init_lora_weights` (`"kaiming"` is PEFT's `True`)|
+| `use_dora`  | `use_dora`                                       |
 | `seed`      | none: PEFT draws from torch's global generator    |
 
 >>> config = LoraConfig(rank=16, alpha=32, dropout=0.1)
@@ -22,8 +23,14 @@ PEFT's `LoraConfig`:
 import dataclasses
 import hashlib
 import math
+import re
 
-INITS = ("kaiming", "gaussian")
+# `init` values: random `A` (B = 0), or `A`, `B` from the base kernel, which then
+# keeps the residual (PiSSA: its top singular vectors, `pissa_niter_N` with N
+# iterations of a randomized SVD; OLoRA: its QR decomposition).
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora")
+RANDOMIZED_PISSA = re.compile(r"pissa_niter_([1-9][0-9]*)")
+FIXED_INITS = ("kaiming", "gaussian", "pissa", "olora")
 DEFAULT_ADAPTER = "default"
 # The name older klora versions (and PEFT) give the dropout rate.
 LEGACY_NAMES = {"lora_dropout": "dropout"}
@@ -58,9 +65,16 @@ class LoraConfig:
             (`alpha / sqrt(rank)` with `use_rslora`). `None` means `rank`.
         dropout: Dropout rate on the adapter's input during training, in [0, 1).
         use_rslora: Rank-stabilized scaling, `alpha / sqrt(rank)`.
-        init: Initialization of `A`: `"kaiming"` (uniform, PEFT's default) or
-            `"gaussian"` (normal with standard deviation `1 / rank`). `B`
-            starts at zero, so a new adapter changes nothing.
+        init: `"kaiming"` (uniform `A`, PEFT's default) or `"gaussian"` (normal
+            `A` with standard deviation `1 / rank`), with `B` at zero, so a new
+            adapter changes nothing; or `"pissa"` (`A`, `B` from the top `rank`
+            singular vectors of the base kernel, which keeps the rest; SVD),
+            `"pissa_niter_N"` (the same by a randomized SVD with N power
+            iterations, fast for large kernels) or `"olora"` (from its QR
+            decomposition). Those three change the base kernel, so the layer
+            must hold no other adapter.
+        use_dora: Weight-decomposed LoRA (DoRA): a trained magnitude per output
+            unit rescales the adapted kernel's direction.
         seed: Optional integer seed. `klora.apply` derives an independent seed
             for every layer and adapter from it (see `derive_seed`).
 
@@ -76,6 +90,7 @@ class LoraConfig:
     use_rslora: bool = False
     init: str = "kaiming"
     seed: int | None = None
+    use_dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -90,12 +105,23 @@ class LoraConfig:
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"`use_rslora` must be True or False. "
                              f"Received: use_rslora={self.use_rslora!r}")
-        if self.init not in INITS:
-            raise ValueError(f"`init` must be one of {INITS}. Received: init={self.init!r}")
+        if not isinstance(self.init, str) or (self.init not in FIXED_INITS and
+                                              not RANDOMIZED_PISSA.fullmatch(self.init)):
+            raise ValueError(f"`init` must be one of {INITS} (N a positive integer). "
+                             f"Received: init={self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"`use_dora` must be True or False. "
+                             f"Received: use_dora={self.use_dora!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or
                                       not isinstance(self.seed, int)):
             raise ValueError(f"`seed` must be an integer or None. Received: seed={self.seed!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def changes_base(self):
+        """Whether `init` decomposes the base kernel (PiSSA, OLoRA): the kernel keeps a
+        residual, and the initial `A`, `B` are kept to convert the adapter on save."""
+        return self.init in ("pissa", "olora") or bool(RANDOMIZED_PISSA.fullmatch(self.init))
 
     @property
     def scale(self):

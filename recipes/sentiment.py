@@ -25,7 +25,8 @@ from klora.metrics import classification_scores
 from klora.presets import load_text_classifier, takes_segment_ids
 from klora.speed.tcmalloc import relaunch_under_tcmalloc
 from klora.training import (add_training_arguments, check_max_length, check_training_arguments,
-                            exit_code, fine_tune, lora_config, lora_targets)
+                            exit_code, fine_tune, lora_config, lora_targets,
+                            quantize_backbone)
 from klora.training.arguments import from_adapter
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -73,6 +74,7 @@ def train(args):
     keras.utils.set_random_seed(args.seed)
     classifier, tokenizer = load_text_classifier(args.preset, num_classes=len(data.labels))
     check_max_length(args, classifier.backbone)
+    quantize_backbone(classifier, args.quantize)  # --quantize int8/int4: a QLoRA-style base
 
     # LoRA adapters on the backbone; its weights are frozen, the classifier's head trains.
     klora.apply(classifier, config=lora_config(args), targets=lora_targets(args))

@@ -5,6 +5,7 @@ BERT uses the tanh GELU, so the `transformers` BERT uses `gelu_new`; keras-hub's
 DistilBERT uses the exact (erf) GELU, which is `transformers`' default `gelu`.
 """
 
+import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -63,12 +64,13 @@ TARGETS = {  # one query/value adapter, one on every linear layer
 }
 
 
-def keras_model(arch, directory, task, num_classes=3):
+def keras_model(arch, directory, task, num_classes=3, dropout=None):
     backbone_class, task_class = KERAS[arch]
-    backbone = backbone_class.from_preset(directory)
+    kwargs = {} if dropout is None else {"dropout": dropout}
+    backbone = backbone_class.from_preset(directory, **kwargs)
     if not task:
         return backbone
-    return task_class(backbone=backbone, num_classes=num_classes, preprocessor=None)
+    return task_class(backbone=backbone, num_classes=num_classes, preprocessor=None, **kwargs)
 
 
 def hf_model(arch, directory, task, num_classes=3):
@@ -101,10 +103,15 @@ def max_diff(a, b):
     return float(np.max(np.abs(a - b)))
 
 
-def klora_to_peft(arch, directory, adapter_dir, task, targets, rank=2, alpha=4):
+def klora_to_peft(arch, directory, adapter_dir, task, targets, rank=2, alpha=4, **settings):
     model = keras_model(arch, directory, task)
-    klora.apply(model, rank=rank, alpha=alpha, targets=targets, seed=0)
+    klora.apply(model, rank=rank, alpha=alpha, targets=targets, seed=0, **settings)
     randomize_adapters(model, seed=1)
+    rng = np.random.default_rng(5)
+    for layer in klora.adapted_layers(model):  # DoRA: magnitudes away from the norms
+        if layer.lora_config.use_dora:
+            layer.lora_magnitude.assign(to_numpy(layer.lora_magnitude) *
+                                        rng.uniform(0.5, 1.5, layer.lora_magnitude.shape))
     if task:  # a trained head
         rng = np.random.default_rng(2)
         for variable in model.trainable_weights:
@@ -120,11 +127,11 @@ def klora_to_peft(arch, directory, adapter_dir, task, targets, rank=2, alpha=4):
 
 
 def peft_to_klora(arch, directory, adapter_dir, task, targets, rank=2, alpha=4,
-                  rank_pattern=None):
+                  rank_pattern=None, **settings):
     torch.manual_seed(3)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                              init_lora_weights=False, rank_pattern=rank_pattern or {},
-                             modules_to_save=["classifier"] if task else None)
+                             modules_to_save=["classifier"] if task else None, **settings)
     peft_model = peft.get_peft_model(hf_model(arch, directory, task), config).eval()
     if task:
         with torch.no_grad():
@@ -180,4 +187,120 @@ def test_minilm_interop(direction, tmp_path):
     else:
         diff = peft_to_klora("bert", minilm_path(), tmp_path / "a", False,
                              ["query", "value", "dense"], rank=8, alpha=16)
+    assert diff <= TOLERANCE
+
+
+# ---- variants ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", [False, True], ids=["backbone", "classifier"])
+@pytest.mark.parametrize("arch", KERAS)
+def test_dora_adapters_both_ways(arch, task, hf_dirs, tmp_path):
+    diff, expected, base = klora_to_peft(arch, hf_dirs[arch], tmp_path / "k", task,
+                                         "all-linear", use_dora=True)
+    assert diff <= TOLERANCE and max_diff(expected, base) > 1e-2
+    assert peft_to_klora(arch, hf_dirs[arch], tmp_path / "p", task, TARGETS["all"][1][arch],
+                         use_dora=True) <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", KERAS)
+def test_dora_training_step_matches_peft(arch, hf_dirs, tmp_path):
+    """Same weights, dropout 0: one step of cross-entropy gives PEFT's loss and gradients."""
+    directory = hf_dirs[arch]
+    torch.manual_seed(4)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["qv"][1][arch],
+                             init_lora_weights=False, use_dora=True,
+                             modules_to_save=["classifier"])
+    peft_model = peft.get_peft_model(hf_model(arch, directory, True), config)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    model = keras_model(arch, directory, True, dropout=0.0)
+    klora.load_adapter(model, tmp_path / "adapter")
+    x = token_inputs(model.backbone, batch=4)
+    labels = np.array([0, 2, 1, 2])
+    peft_model.eval()  # no dropout; gradients still flow
+    inputs = {"input_ids": torch.tensor(x["token_ids"].astype("int64")),
+              "attention_mask": torch.tensor(x["padding_mask"].astype("int64")),
+              "labels": torch.tensor(labels)}
+    if "segment_ids" in x:
+        inputs["token_type_ids"] = torch.tensor(x["segment_ids"].astype("int64"))
+    loss = peft_model(**inputs).loss
+    loss.backward()
+    grads = {n: p.grad.numpy() for n, p in peft_model.named_parameters() if p.requires_grad}
+    model.compile(optimizer=keras.optimizers.SGD(1.0),  # the update is minus the gradient
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = {v.path: to_numpy(v).copy() for v in model.trainable_variables}
+    klora_loss = float(model.train_on_batch(x, labels, return_dict=True)["loss"])
+    assert abs(klora_loss - float(loss)) <= TOLERANCE
+    names = {l.path: m for m, l in klora.peft.names.peft_module_names(model).items()}
+    compared = 0
+    for variable in model.trainable_variables:
+        gradient = before[variable.path] - to_numpy(variable)
+        layer_path, name = variable.path.rsplit("/", 1)
+        module = names.get(layer_path, layer_path)
+        key = {"lora_a": f"{module}.lora_A.default.weight",
+               "lora_b": f"{module}.lora_B.default.weight",
+               "lora_magnitude": f"{module}.lora_magnitude_vector.default.weight",
+               "kernel": f"{module}.modules_to_save.default.weight",
+               "bias": f"{module}.modules_to_save.default.bias"}[name]
+        reference = grads[f"base_model.model.{key}"]
+        reference = reference.T if reference.ndim == 2 else reference
+        np.testing.assert_allclose(gradient, reference, atol=TOLERANCE, err_msg=variable.path)
+        compared += 1
+    assert compared == len(grads) > 4
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("arch", KERAS)
+def test_pissa_and_olora_adapters_apply_to_the_original_model_in_peft(arch, init, hf_dirs,
+                                                                      tmp_path):
+    diff, expected, base = klora_to_peft(arch, hf_dirs[arch], tmp_path / "k", True,
+                                         "all-linear", init=init)
+    assert diff <= TOLERANCE and max_diff(expected, base) > 1e-2
+
+
+def test_peft_converted_pissa_adapter_loads_in_klora(hf_dirs, tmp_path):
+    directory = hf_dirs["bert"]
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                             init_lora_weights="pissa")
+    initial = peft.get_peft_model(hf_model("bert", directory, False), config)
+    initial.save_pretrained(str(tmp_path / "initial"))
+    unconverted = keras_model("bert", directory, False)
+    with pytest.raises(ValueError, match="changes the base weights"):
+        klora.load_adapter(unconverted, tmp_path / "initial")  # for the residual base only
+    with torch.no_grad():
+        for name, p in initial.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    x = token_inputs(keras_model("bert", directory, False))
+    trained = hf_outputs(initial, x)
+    initial.save_pretrained(str(tmp_path / "converted"),
+                            path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    model = keras_model("bert", directory, False)
+    klora.load_adapter(model, tmp_path / "converted")
+    assert max_diff(keras_outputs(model, x), trained) <= TOLERANCE
+
+
+def test_klora_rank_patterns_load_in_peft(hf_dirs, tmp_path):
+    directory = hf_dirs["bert"]
+    model = keras_model("bert", directory, False)
+    klora.apply(model, rank=2, alpha=4, targets="all-linear", seed=0,
+                rank_pattern={"query": 4}, alpha_pattern={"feedforward_output_dense": 1})
+    randomize_adapters(model, seed=1)
+    x = token_inputs(model)
+    klora.save_adapter(model, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf_model("bert", directory, False),
+                                                str(tmp_path / "adapter")).eval()
+    assert max_diff(hf_outputs(peft_model, x), keras_outputs(model, x)) <= TOLERANCE
+
+
+@pytest.mark.large
+@requires_minilm
+@pytest.mark.parametrize("direction", ["klora_to_peft", "peft_to_klora"])
+def test_minilm_dora_interop(direction, tmp_path):
+    if direction == "klora_to_peft":
+        diff, _, _ = klora_to_peft("bert", minilm_path(), tmp_path / "a", False,
+                                   ("query", "value"), rank=8, alpha=16, use_dora=True)
+    else:
+        diff = peft_to_klora("bert", minilm_path(), tmp_path / "a", False,
+                             ["query", "value"], rank=8, alpha=16, use_dora=True)
     assert diff <= TOLERANCE

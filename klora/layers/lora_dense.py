@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from klora.layers.lora import LoRALayer
+from klora.layers.quantized import kernel_shape
 
 
 @keras.saving.register_keras_serializable(package="klora")
@@ -45,7 +46,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     """
 
     def _lora_dims(self):
-        fan_in, units = self._kernel.shape
+        fan_in, units = kernel_shape(self)
         return (fan_in,), (units,)
 
     def _kernel_axes(self):

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from klora.layers.lora import LoRALayer
+from klora.layers.quantized import kernel_shape
 
 
 def split_einsum_axes(equation):
@@ -77,7 +78,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     def _lora_dims(self):
         _, kernel, _, in_axes, out_axes = split_einsum_axes(self.equation)
-        size = dict(zip(kernel, self._kernel.shape))
+        size = dict(zip(kernel, kernel_shape(self)))
         return tuple(size[a] for a in in_axes), tuple(size[a] for a in out_axes)
 
     def _kernel_axes(self):
@@ -92,7 +93,8 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         r = next(c for c in string.ascii_letters if c not in self.equation)
         hidden = "".join(a for a in inputs.replace("...", ".") if a not in in_axes)
         hidden = hidden.replace(".", "...") + r
-        return f"{inputs},{in_axes}{r}->{hidden}", f"{hidden},{r}{out_axes}->{output}"
+        return (f"{inputs},{in_axes}{r}->{hidden}", f"{hidden},{r}{out_axes}->{output}",
+                f"{output},{out_axes}->{output}")
 
     def _product(self, x, kernel):
         return ops.einsum(self.equation, x, kernel)

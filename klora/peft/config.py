@@ -28,7 +28,7 @@ FREE_FIELDS = {
     "init_lora_weights", "layers_pattern", "layers_to_transform", "loftq_config",
     "lora_alpha", "lora_dropout", "lora_ga_config", "megatron_core", "modules_to_save",
     "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision",
-    "runtime_config", "target_modules", "task_type", "use_rslora",
+    "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora",
 }
 # Fields of PEFT features klora does not implement: they must be off.
 OFF_FIELDS = {
@@ -36,7 +36,7 @@ OFF_FIELDS = {
     "fan_in_fan_out": False, "kasa_config": None, "layer_replication": None,
     "lora_bias": False, "megatron_config": None, "monteclora_config": None,
     "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None,
-    "use_dora": False, "use_qalora": False, "velora_config": None,
+    "use_qalora": False, "velora_config": None,
 }
 # `init_lora_weights` values that leave the base weights as they were: the
 # adapter applies to the original model. PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA
@@ -58,10 +58,11 @@ def peft_config(configs, heads, task_type=None, auto_mapping=None):
     alphas = {m: c.rank if c.alpha is None else c.alpha for m, c in configs.items()}
     rank, alpha = _most_common(ranks.values()), _most_common(alphas.values())
     shared = {field: {getattr(c, field) for c in configs.values()}
-              for field in ("use_rslora", "dropout")}
-    if len(shared["use_rslora"]) > 1:
-        raise ValueError("PEFT's format has one `use_rslora` for the whole adapter, but the "
-                         "adapter's layers mix use_rslora=True and False.")
+              for field in ("use_rslora", "use_dora", "dropout")}
+    for field in ("use_rslora", "use_dora"):
+        if len(shared[field]) > 1:
+            raise ValueError(f"PEFT's format has one `{field}` for the whole adapter, but the "
+                             f"adapter's layers mix {field}=True and False.")
     first = next(iter(configs.values()))
     return {
         "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
@@ -70,7 +71,7 @@ def peft_config(configs, heads, task_type=None, auto_mapping=None):
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "init_lora_weights": True if first.init == "kaiming" else first.init,
+        "init_lora_weights": "gaussian" if first.init == "gaussian" else True,
         "layers_pattern": None,
         "layers_to_transform": None,
         "lora_alpha": alpha,
@@ -82,7 +83,7 @@ def peft_config(configs, heads, task_type=None, auto_mapping=None):
         "revision": None,
         "target_modules": sorted(configs),
         "task_type": task_type,
-        "use_dora": False,
+        "use_dora": shared["use_dora"].pop(),
         "use_rslora": shared["use_rslora"].pop(),
     }
 
@@ -168,7 +169,7 @@ def module_config(config, module, filename):
         rank=_pattern_value(config, "rank_pattern", module, config["r"], filename),
         alpha=_pattern_value(config, "alpha_pattern", module, config["lora_alpha"], filename),
         dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False),
-        init=init)
+        use_dora=config.get("use_dora") or False, init=init)
     where = f"'{filename}'" + (f" for '{module}'" if module else "")
     if settings["dropout"] is None:
         settings["dropout"] = 0.0

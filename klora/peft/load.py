@@ -13,7 +13,7 @@ from klora.adapted_model import (adapt_model, adapter_names, check_adaptable, ch
                                  lora_class)
 from klora.config import DEFAULT_ADAPTER
 from klora.peft.config import module_config, read_config
-from klora.peft.match import check_head, check_lora, split_keys
+from klora.peft.match import check_head, check_lora, split_keys, tensor_key
 from klora.peft.names import architecture, architecture_of_module, peft_module_names, \
     resolve_module
 from klora.peft.safetensors import read_safetensors
@@ -90,7 +90,7 @@ def plan_adapter(model, path):
     for module, parts in lora_parts.items():
         target = resolve_module(module, names, model)
         if target is None:
-            extra += [f"{PREFIX}{module}.lora_{p}.weight" for p in parts]
+            extra += [tensor_key(module, p) for p in parts]
             continue
         try:
             layer_config = module_config(config, module, config_file)

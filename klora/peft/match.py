@@ -19,11 +19,11 @@ def split_keys(tensors, names, model):
     variables = {v.path for v in model.weights}
     for key, value in tensors.items():
         rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
-        lora_key = re.fullmatch(r"(.+)\.lora_([AB])\.weight", rest or "")
+        lora_key = re.fullmatch(r"(.+)\.lora_(?:([AB])\.weight|(magnitude_vector))", rest or "")
         head_key = re.fullmatch(r"(.+)\.(weight|bias)", rest or "")
         module = resolve_module(head_key.group(1), names, model) if head_key else None
         if lora_key:
-            lora.setdefault(lora_key.group(1), {})[lora_key.group(2)] = value
+            lora.setdefault(lora_key.group(1), {})[lora_key.group(2) or "m"] = value
         elif module is not None and not isinstance(names[module], LoRALayer):
             heads.setdefault(module, {})[head_key.group(2)] = value
         elif rest in variables:
@@ -33,11 +33,19 @@ def split_keys(tensors, names, model):
     return lora, heads, raw, extra
 
 
+def tensor_key(module, part):
+    """The file's key of an adapter part: `A`, `B` or `m` (DoRA's magnitude)."""
+    return f"{PREFIX}{module}.lora_" + ("magnitude_vector" if part == "m" else f"{part}.weight")
+
+
 def check_lora(module, parts, layer, config, problems):
-    """The layer's `{"lora_a", "lora_b"}` values, or `None` after noting the problem."""
-    if set(parts) != {"A", "B"}:
-        missing = "B" if "A" in parts else "A"
-        problems.append(f"missing key {PREFIX}{module}.lora_{missing}.weight")
+    """The layer's `{"lora_a", "lora_b"[, "lora_magnitude"]}` values, or `None` after
+    noting the problem (DoRA adapters carry PEFT's `lora_magnitude_vector`)."""
+    expected = {"A", "B", "m"} if config.use_dora else {"A", "B"}
+    if set(parts) != expected:
+        problems += [f"missing key {tensor_key(module, p)}" for p in sorted(expected - set(parts))]
+        problems += [f"unexpected key {tensor_key(module, p)} (use_dora is {config.use_dora})"
+                     for p in sorted(set(parts) - expected)]
         return None
     a, b = parts["A"], parts["B"]
     fan_in, fan_out = lora_class(layer).layer_fans(layer)
@@ -53,8 +61,12 @@ def check_lora(module, parts, layer, config, problems):
                         f"weights have rank {a.shape[0]}")
     elif config.rank > min(fan_in, fan_out):
         problems.append(f"'{module}': rank {config.rank} exceeds the layer's width")
+    elif config.use_dora and parts["m"].shape != (fan_out,):
+        problems.append(f"'{module}': lora_magnitude_vector has shape {parts['m'].shape}, not "
+                        f"({fan_out},)")
     else:
-        return {"lora_a": a.T, "lora_b": b.T}
+        values = {"lora_a": a.T, "lora_b": b.T}
+        return {**values, "lora_magnitude": parts["m"]} if config.use_dora else values
     return None
 
 

@@ -5,6 +5,7 @@ import json
 import os
 
 import keras
+import numpy as np
 
 from klora.adapted_model import (active_adapter, adapted_layers, adapter_names,
                                  stored_head_values)
@@ -52,6 +53,24 @@ def _head_tensors(model, names, adapter_name):
     return tensors, modules
 
 
+def plain_lora(config, values):
+    """`(config, values)` of an adapter as a plain LoRA adapter of the original kernel.
+
+    A PiSSA / OLoRA adapter trains `A`, `B` on the residual `W - scale * A0 @ B0`;
+    on the original `W` the trained model is `W + scale * (A @ B - A0 @ B0)`, a
+    rank-2r update `[A, A0] @ [B; -B0]` at the same scale (alpha doubled; with
+    rslora, times sqrt(2)): PEFT's conversion on save.
+    """
+    if not config.changes_base:
+        return config, values
+    rank = 2 * config.rank
+    alpha = (config.rank if config.alpha is None else config.alpha) * (
+        2 ** 0.5 if config.use_rslora else 2)
+    values = {**values, "lora_a": np.concatenate([values["lora_a"], values["lora_a0"]], 1),
+              "lora_b": np.concatenate([values["lora_b"], -values["lora_b0"]], 0)}
+    return config.replace(rank=rank, alpha=alpha, init="kaiming"), values
+
+
 def _task_type(model, arch):
     if arch in HF_CLASSES and is_task(model) and "TextClassifier" in type(model).__name__:
         return "SEQ_CLS"
@@ -65,7 +84,9 @@ def save_adapter(model, path, metadata=None, adapter_name=None):
     layer, loadable by `klora.load_adapter` and by PEFT's
     `PeftModel.from_pretrained` on the matching `transformers` model
     (`BertModel` / `DistilBertModel` for a backbone,
-    `*ForSequenceClassification` for a text classifier). The directory is
+    `*ForSequenceClassification` for a text classifier). A PiSSA / OLoRA adapter
+    is written as the plain LoRA adapter it amounts to on the original base
+    kernel (see `plain_lora`); a DoRA adapter with its magnitudes. The directory is
     replaced atomically: an interrupted save leaves the previous adapter in
     `path` as it was (see `klora.atomic.atomic_directory`).
 
@@ -95,10 +116,13 @@ def save_adapter(model, path, metadata=None, adapter_name=None):
     tensors, configs = {}, {}
     for module, layer in names.items():
         if isinstance(layer, LoRALayer) and adapter_name in layer.adapter_names:
-            values = layer.adapter_values(adapter_name)
+            config, values = plain_lora(layer.adapter_config(adapter_name),
+                                        layer.adapter_values(adapter_name))
             tensors[f"{PREFIX}{module}.lora_A.weight"] = values["lora_a"].T
             tensors[f"{PREFIX}{module}.lora_B.weight"] = values["lora_b"].T
-            configs[module] = layer.adapter_config(adapter_name)
+            if config.use_dora:
+                tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = values["lora_magnitude"]
+            configs[module] = config
     heads, head_modules = _head_tensors(model, names, adapter_name)
     tensors.update(heads)
     base_class, _ = HF_CLASSES.get(arch, (None, None))

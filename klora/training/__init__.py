@@ -4,4 +4,4 @@ from klora.training.checkpoint import ResumableTraining
 from klora.training.evaluation import EpochEvaluation
 from klora.training.fine_tune import adamw_with_warmup, fine_tune
 from klora.training.plot import plot_history
-from klora.training.task_model import check_max_length, load_task_model
+from klora.training.task_model import check_max_length, load_task_model, quantize_backbone

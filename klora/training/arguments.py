@@ -40,6 +40,13 @@ def add_training_arguments(parser, **defaults):
         help="dropout on the adapters' inputs (PEFT: lora_dropout)")
     add("--targets", default=values["targets"],
         help="comma-separated layer names or path regexes, or 'all-linear'")
+    add("--use-dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    add("--init", default="kaiming",
+        help="kaiming, gaussian (random A), pissa, pissa_niter_N or olora (from the kernel)")
+    add("--quantize", choices=("int8", "int4"), default=None,
+        help="quantize the backbone's linear layers (weight-only) before adding adapters")
+    add("--loraplus-ratio", type=float, default=values.get("loraplus_ratio"),
+        help="LoRA+: the B matrices learn this many times faster than the rest")
     add("--learning-rate", type=float, default=values["learning_rate"])
     add("--batch-size", type=int, default=values["batch_size"])
     add("--epochs", type=int, default=values["epochs"])
@@ -73,6 +80,13 @@ def check_training_arguments(args):
     for flag in ("batch_size", "epochs", "patience"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.loraplus_ratio is not None and args.loraplus_ratio <= 0:
+        problems.append(f"--loraplus-ratio must be > 0 (got {args.loraplus_ratio})")
+    if not problems:  # then the adapter settings are valid but perhaps --init
+        try:
+            lora_config(args)
+        except ValueError as e:
+            problems.append(f"--init: {e}")
     if args.max_length < 8:
         problems.append(f"--max-length must be >= 8 (got {args.max_length})")
     if not 0 < args.validation_fraction < 1:
@@ -99,8 +113,10 @@ def lora_targets(args):
 
 
 def lora_config(args):
-    """The `klora.LoraConfig` of `--rank`, `--alpha`, `--dropout` and `--seed`."""
-    return LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, seed=args.seed)
+    """The `klora.LoraConfig` of `--rank`, `--alpha`, `--dropout`, `--init`, `--use-dora`
+    and `--seed`."""
+    return LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, init=args.init,
+                      use_dora=args.use_dora, seed=args.seed)
 
 
 def from_adapter(args, metadata, flags):

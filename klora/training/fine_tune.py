@@ -24,6 +24,7 @@ import keras
 
 from klora.atomic import write_json
 from klora.distribution import is_primary_process, process_index, shard_batches
+from klora.loraplus import loraplus
 from klora.training.arguments import run_settings
 from klora.training.checkpoint import ResumableTraining
 from klora.training.evaluation import EpochEvaluation
@@ -69,8 +70,10 @@ def fine_tune(model, train_batches, args, loss, evaluate, metrics=(), monitor="v
         raise ValueError(f"--distribution {args.distribution} was not configured: call "
                          "klora.distribution.configure_from_arguments(args) before building "
                          "the model.")
-    model.compile(optimizer=adamw_with_warmup(args.learning_rate, len(train_batches) * args.epochs),
-                  loss=loss, metrics=list(metrics))
+    optimizer = adamw_with_warmup(args.learning_rate, len(train_batches) * args.epochs)
+    if args.loraplus_ratio:
+        optimizer = loraplus(optimizer, args.loraplus_ratio)
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
     train_batches = _sharded_training_batches(train_batches)
     checkpoints = os.path.join(args.output_dir, "checkpoints")
     if args.restart and is_primary_process():
