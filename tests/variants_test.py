@@ -10,6 +10,7 @@ import pytest
 
 import klora
 from klora import LoRADense, LoRAEinsumDense
+from klora.adapted_model import lora_class
 from klora.layers.variants import host_column_norms
 from tests.conftest import (randomize_adapters, sequence_output, tiny_bert, tiny_distil_bert,
                             to_numpy, token_inputs)
@@ -191,6 +192,35 @@ QUANTIZATIONS = {
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_quantized_layers_add_the_update_to_what_keras_computes(quantization):
+    """Keras' own quantized output of each layer, plus scale * x A B (and it trains)."""
+    mode, config = QUANTIZATIONS[quantization]
+    backbone = tiny_bert()
+    backbone.quantize(mode, config=config() if config else None)
+    layers = [l for l in backbone._flatten_layers()
+              if isinstance(l, (keras.layers.Dense, keras.layers.EinsumDense))]
+    expected = {}
+    for layer in layers:  # inputs of shape (3, 5, *input axes), Keras' quantized outputs
+        in_dims = lora_class(layer)._lora_dims(layer)[0]
+        x = RNG.normal(size=(3, 5, *in_dims)).astype("float32")
+        expected[layer.path] = (x, to_numpy(layer(x)))
+    klora.apply(backbone, rank=2, alpha=4, targets="all-linear", seed=1)
+    randomize_adapters(backbone)
+    # Every linear layer without an activation (which would hide the sum).
+    checked = [l for l in klora.adapted_layers(backbone)
+               if l.activation in (None, keras.activations.linear)]
+    assert len(checked) == 10  # query, key, value, attention output, ffn output; 2 blocks
+    for layer in checked:
+        x, before = expected[layer.path]
+        a, b = to_numpy(layer.lora_a), to_numpy(layer.lora_b)
+        update = layer.scale * (x.reshape(-1, a.shape[0]) @ a) @ b
+        got = to_numpy(layer(x, training=True)).reshape(update.shape)
+        assert np.abs(update).max() > 1e-2
+        np.testing.assert_allclose(got, before.reshape(update.shape) + update, rtol=1e-5,
+                                   atol=1e-5, err_msg=layer.path)
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_quantized_base_trains_factored_adapters_and_merges_to_float(quantization, tmp_path):
     mode, config = QUANTIZATIONS[quantization]
     keras.utils.set_random_seed(0)
@@ -214,6 +244,8 @@ def test_quantized_base_trains_factored_adapters_and_merges_to_float(quantizatio
     before = classifier.evaluate(big, np.arange(16) % 2, verbose=0)
     classifier.fit(big, np.arange(16) % 2, epochs=5, verbose=0)
     assert classifier.evaluate(big, np.arange(16) % 2, verbose=0) < before
+    untrained = [l.path for l in layers if not np.abs(to_numpy(l.lora_b)).max() > 1e-5]
+    assert not untrained, untrained  # every adapter trained
     assert all(v.dtype != "float32" for l in layers for v in (l._kernel,))
     out = to_numpy(classifier(x))
     classifier.save(tmp_path / "q.keras")

@@ -167,6 +167,10 @@ class LoRALayer(KernelLayout):
         merged = self.variant.merged(self, self.flat_kernel())
         return ops.cast(self._to_kernel_layout(merged), self.compute_dtype), False
 
+    def quantized_call(self, *args, **kwargs):
+        # Keras sends a quantized layer's calls here instead of to `call`.
+        return self.call(*args, **kwargs)
+
     def call(self, inputs, training=None):
         kernel, factored = self._kernel_for(inputs, training)
         product = self._product(quantized.base_inputs(self, inputs), kernel)
