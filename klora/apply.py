@@ -37,7 +37,8 @@ def target_layers(model, targets=("query", "value"), exclude=()):
 
     `targets` are layer names, regular expressions matched in full against
     `layer.path`, or the single string `"all-linear"` (every `Dense` /
-    `EinsumDense` of the backbone; a Task's head is left out). Raises a
+    `EinsumDense` of the backbone that the model uses; a Task's head is left
+    out). Raises a
     `ValueError` listing the linear layers when nothing matches.
     """
     targets, exclude = _names(targets, "targets"), _names(exclude, "exclude")
@@ -45,7 +46,8 @@ def target_layers(model, targets=("query", "value"), exclude=()):
     if targets == (ALL_LINEAR,):
         scope = frozen_scope(model)
         inside = {id(l) for l in scope._flatten_layers(include_self=scope is not model)}
-        chosen = [l for l in layers if is_linear(l) and id(l) in inside]
+        unused = getattr(model, "unused_backbone_layers", ())  # e.g. a token model's pooler
+        chosen = [l for l in layers if is_linear(l) and id(l) in inside and l.name not in unused]
     elif ALL_LINEAR in targets:
         raise ValueError(f"'{ALL_LINEAR}' cannot be combined with other targets: {targets}")
     else:

@@ -1,7 +1,10 @@
 """Fold adapters into their kernels and back, or remove klora from a model."""
 
-from klora.adapted_model import (forget_heads, forget_removed_layers, require_adapters,
-                                 reset_compiled_functions)
+import numpy as np
+from keras import ops
+
+from klora.adapted_model import (adapted_layers, forget_heads, forget_removed_layers,
+                                 require_adapters, reset_compiled_functions)
 from klora.speed.fast_layers import restore_layers
 
 
@@ -48,3 +51,24 @@ def unload(model):
     forget_heads(model, everything=True)
     reset_compiled_functions(model)
     return model
+
+
+def merged_weights(model):
+    """`{variable path: array}`: the weights `unload` would leave, computed without changing
+    `model`: each adapted kernel in float with the active adapter folded in, every other
+    weight as it is, and no adapter or quantization variables.
+
+    >>> weights = klora.merge.merged_weights(classifier)   # e.g. for an export
+    """
+    weights, skipped = {}, set()
+    for layer in adapted_layers(model):
+        kernel = layer.flat_kernel()
+        if layer.active_adapter is not None and not layer.merged:
+            kernel = layer.variant.merged(layer, kernel)
+        weights[layer._kernel.path] = np.asarray(ops.convert_to_numpy(
+            layer._to_kernel_layout(kernel)), "float32")
+        skipped |= {id(v) for v in layer.weights if v is not layer.bias}
+    for variable in model.weights:
+        if id(variable) not in skipped:
+            weights[variable.path] = np.asarray(ops.convert_to_numpy(variable))
+    return weights

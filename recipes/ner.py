@@ -3,6 +3,8 @@
     python recipes/ner.py train                     # tfds conll2003 (needs it prepared)
     python recipes/ner.py train --preset minilm --data train.txt --validation-data valid.txt
     python recipes/ner.py predict --adapter runs/ner/adapter "Angela Merkel visited Paris."
+    python recipes/ner.py evaluate --adapter runs/ner/adapter --data test.txt
+    python recipes/ner.py export --adapter runs/ner/adapter --output hf-tagger
 
 Data: a tfds name, CoNLL column files (`token ... TAG` per line, blank line
 between sentences, `-DOCSTART-` lines skipped) or JSONL (`{"tokens": [...],
@@ -17,6 +19,8 @@ stopping and checkpoints). `train` writes to --output-dir: adapter/ (PEFT
 format, head included, with the tag list), history.json, metrics.json,
 curves.png and per-epoch checkpoints; rerunning resumes. `predict` prints one
 JSON line per text with each entity's type, character span and text.
+`evaluate` scores an adapter on tagged data (default: its validation set);
+`export` writes the merged tagger as a `transformers` `*ForTokenClassification`.
 """
 
 import argparse
@@ -29,17 +33,20 @@ import numpy as np
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches, read_lines
-from klora.data.conll import encode_tags, load_tagged_splits
+from klora.data.conll import encode_tags, load_tagged_set, load_tagged_splits
 from klora.data.word_alignment import (IGNORE, WordPieces, align_words, split_words,
                                        word_predictions)
 from klora.metrics import cross_entropy, entities, entity_scores
 from klora.distribution import configure_from_arguments, is_primary_process
+from klora.speed import enable_compile_cache
 from klora.presets import load_backbone, takes_segment_ids
 from klora.speed.tcmalloc import relaunch_under_tcmalloc
 from klora.tasks import MaskedTokenCrossentropy, TokenClassifier
 from klora.training import (add_training_arguments, check_training_arguments, exit_code,
                             fine_tune, load_task_model, lora_config, lora_targets)
-from klora.training.arguments import from_adapter
+from klora.training.arguments import (add_adapter_arguments, add_evaluate_arguments,
+                                      add_export_arguments, from_adapter, validation_record,
+                                      with_command_line)
 
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: token tagging needs more than query/value adaptation.
@@ -53,17 +60,15 @@ def parse_args(argv):
     train = commands.add_parser("train", help="fine-tune on tagged sentences")
     add_training_arguments(train, **DEFAULTS)
     predict = commands.add_parser("predict", help="tag raw text with a trained adapter")
-    predict.add_argument("--adapter", required=True, help="adapter folder written by train")
-    predict.add_argument("--preset", default=None, help="base model (default: the adapter's)")
-    predict.add_argument("--tags", default=None,
-                         help="comma-separated tag list in the head's order (default: the "
-                              "adapter's)")
-    predict.add_argument("--max-length", type=int, default=None,
-                         help="longest token sequence (default: the adapter's)")
+    add_adapter_arguments(predict, "--tags", "tags in the head's order")
     predict.add_argument("--file", default=None, help="a UTF-8 file, one text per line")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("texts", nargs="*", help="texts to tag")
-    return parser.parse_args(argv)
+    evaluate = commands.add_parser("evaluate", help="score an adapter on tagged sentences")
+    add_evaluate_arguments(evaluate, "--tags", "tags in the head's order")
+    export = commands.add_parser("export", help="the merged tagger for transformers")
+    add_export_arguments(export, "--tags", "tags in the head's order")
+    return with_command_line(parser.parse_args(argv), "recipes/ner.py", argv)
 
 
 def tag_batches(sentences, tag_ids, tokenizer, backbone, max_length, batch_size):
@@ -75,9 +80,9 @@ def tag_batches(sentences, tag_ids, tokenizer, backbone, max_length, batch_size)
     return chunks, batches
 
 
-def predict_tags(model, chunks, batches, num_sentences, tag_list):
+def predict_tags(model, chunks, batches, num_sentences, tag_list, progress=False):
     """`(tags, logits)`: each sentence's predicted tags and each chunk's token logits."""
-    logits = batches.predict(model, per_token=True)
+    logits = batches.predict(model, per_token=True, progress=progress)
     predicted = word_predictions(chunks, logits, num_sentences)
     return [[tag_list[i] for i in s] for s in predicted], logits
 
@@ -93,6 +98,7 @@ def tagging_scores(chunks, logits, gold_tags, predicted_tags):
 def train(args):
     check_training_arguments(args)
     configure_from_arguments(args)  # --distribution: before any model is built
+    enable_compile_cache(args.compile_cache)  # reruns and resumes read compiled steps
     sentences, tags, val_sentences, val_tags, tag_list = load_tagged_splits(
         args.data, args.validation_data, args.validation_fraction, args.seed)
     print(f"data: {len(sentences)} training and {len(val_sentences)} validation sentences; "
@@ -126,16 +132,24 @@ def train(args):
     if not is_primary_process():  # multi-host: process 0 writes the outputs
         return model, tokenizer, tag_list, scores
     write_json(os.path.join(args.output_dir, "metrics.json"), results)
-    klora.save_adapter(model, os.path.join(args.output_dir, "adapter"),
-                       metadata={"task": "ner", "tags": tag_list, "base_model": args.preset,
-                                 "max_length": args.max_length})
-    print(f"validation entity F1 {scores['f1']:.4f} (precision {scores['precision']:.4f}, "
-          f"recall {scores['recall']:.4f}; best epoch {results['best_epoch']})")
+    klora.save_adapter(model, os.path.join(args.output_dir, "adapter"), metadata={
+        "task": "ner", "tags": tag_list, "base_model": args.preset,
+        "max_length": args.max_length, "command": args.command_line,
+        "metrics": {k: v for k, v in scores.items() if isinstance(v, float)},
+        "validation": validation_record(args)})
+    print(f"validation entity F1 {scores['f1']:.4f} (best epoch {results['best_epoch']})")
+    report(scores)
+    print(f"outputs in {args.output_dir}")
+    return model, tokenizer, tag_list, scores
+
+
+def report(scores):
+    """Prints entity precision / recall / F1, overall and per entity type."""
+    print(f"entities: F1 {scores['f1']:.4f}  P {scores['precision']:.4f}  "
+          f"R {scores['recall']:.4f}")
     for type_, s in scores["per_type"].items():
         print(f"  {type_:<8} F1 {s['f1']:.4f}  P {s['precision']:.4f}  R {s['recall']:.4f}  "
               f"support {s['support']}")
-    print(f"outputs in {args.output_dir}")
-    return model, tokenizer, tag_list, scores
 
 
 def tag_texts(model, tokenizer, texts, tag_list, max_length, batch_size=32):
@@ -154,25 +168,67 @@ def tag_texts(model, tokenizer, texts, tag_list, max_length, batch_size=32):
     return out
 
 
+def load_trained(args):
+    """`(model, tokenizer, saved)`: the adapter's base model and tagging head with the
+    adapter loaded, and what the adapter records."""
+    metadata = klora.read_adapter_metadata(args.adapter)
+    saved = {**metadata, **from_adapter(args, metadata, {
+        "base_model": ("--preset", str), "tags": ("--tags", lambda v: v.split(",")),
+        "max_length": ("--max-length", int)})}
+    backbone, tokenizer = load_backbone(saved["base_model"])
+    model = TokenClassifier(backbone, len(saved["tags"]))
+    klora.load_adapter(model, args.adapter)
+    return model, tokenizer, saved
+
+
 def predict(args):
     texts = list(args.texts) + (read_lines(args.file) if args.file else [])
     if not texts:
         raise ValueError("Give texts to tag as arguments or with --file.")
-    saved = from_adapter(args, klora.read_adapter_metadata(args.adapter), {
-        "base_model": ("--preset", str), "tags": ("--tags", lambda v: v.split(",")),
-        "max_length": ("--max-length", int)})
-    backbone, tokenizer = load_backbone(saved["base_model"])
-    model = TokenClassifier(backbone, len(saved["tags"]))
-    klora.load_adapter(model, args.adapter)
+    model, tokenizer, saved = load_trained(args)
     found = tag_texts(model, tokenizer, texts, saved["tags"], saved["max_length"],
                       args.batch_size)
     for text, spans in zip(texts, found):
         print(json.dumps({"text": text, "entities": spans}, ensure_ascii=False))
 
 
+def evaluate(args):
+    model, tokenizer, saved = load_trained(args)
+    if args.data:
+        sentences, tags = load_tagged_set(args.data, args.split)
+    elif saved.get("validation"):
+        record = saved["validation"]
+        *_, sentences, tags, _ = load_tagged_splits(record["data"], record["validation_data"],
+                                                     record["validation_fraction"],
+                                                     record["seed"])
+    else:
+        raise ValueError("The adapter does not record its validation set: pass --data.")
+    chunks, batches = tag_batches(sentences, encode_tags(tags, saved["tags"], args.data or
+                                                         "the validation set"),
+                                  tokenizer, model.backbone, saved["max_length"],
+                                  args.batch_size)
+    predicted, logits = predict_tags(model, chunks, batches, len(sentences), saved["tags"],
+                                     progress=len(sentences) > 1000)
+    scores = tagging_scores(chunks, logits, tags, predicted)
+    print(f"{len(sentences)} sentences")
+    report(scores)
+    write_json(args.output, {**scores, "sentences": len(sentences), "adapter": args.adapter,
+                             "data": args.data or "the adapter's validation set"})
+    print(f"scores in {args.output}")
+    return scores
+
+
+def export(args):
+    model, tokenizer, saved = load_trained(args)
+    klora.export(model, args.output, format=args.format, tokenizer=tokenizer,
+                 labels=saved["tags"], sequence_length=saved["max_length"])
+    print(f"{args.format} model in {args.output}")
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return exit_code(predict if args.command == "predict" else train, args)
+    commands = {"train": train, "predict": predict, "evaluate": evaluate, "export": export}
+    return exit_code(commands[args.command], args)
 
 
 if __name__ == "__main__":

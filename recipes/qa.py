@@ -4,6 +4,8 @@
     python recipes/qa.py train --preset minilm --data squad.json --output-dir runs/qa
     python recipes/qa.py predict --adapter runs/qa/adapter \\
         --question "Where is the Eiffel Tower?" --context "The Eiffel Tower is in Paris."
+    python recipes/qa.py evaluate --adapter runs/qa/adapter --data dev.json
+    python recipes/qa.py export --adapter runs/qa/adapter --output hf-reader
 
 Data: a tfds name or SQuAD v1.1 JSON (with --validation-data, or a held-out
 --validation-fraction of the articles). Each question is packed with its
@@ -29,16 +31,19 @@ import sys
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches
-from klora.data.squad import QAExample, decode_answers, load_qa_splits, make_windows
+from klora.data.squad import (QAExample, decode_answers, load_qa_set, load_qa_splits,
+                              make_windows)
 from klora.data.word_alignment import WordPieces
 from klora.metrics import span_cross_entropy, squad_scores
 from klora.distribution import configure_from_arguments, is_primary_process
+from klora.speed import enable_compile_cache
 from klora.presets import load_backbone, takes_segment_ids
 from klora.speed.tcmalloc import relaunch_under_tcmalloc
 from klora.tasks import SpanExtractor, SpanLoss
 from klora.training import (add_training_arguments, check_training_arguments, exit_code,
                             fine_tune, load_task_model, lora_config, lora_targets)
-from klora.training.arguments import from_adapter
+from klora.training.arguments import (add_evaluate_arguments, add_export_arguments,
+                                      from_adapter, validation_record, with_command_line)
 
 # LoRA on every linear layer with rank 16 and a higher learning rate than full
 # fine-tuning: span extraction needs more than query/value adaptation.
@@ -70,7 +75,12 @@ def parse_args(argv):
     predict.add_argument("--max-length", type=int, default=None,
                          help="default: the length it was trained with")
     add_decoding_arguments(predict, doc_stride=None)
-    return parser.parse_args(argv)
+    evaluate = commands.add_parser("evaluate", help="score an adapter on SQuAD-style data")
+    add_evaluate_arguments(evaluate)
+    add_decoding_arguments(evaluate, doc_stride=None)
+    export = commands.add_parser("export", help="the merged reader for transformers")
+    add_export_arguments(export)
+    return with_command_line(parser.parse_args(argv), "recipes/qa.py", argv)
 
 
 def check_decoding_arguments(args):
@@ -89,15 +99,16 @@ def qa_batches(examples, tokenizer, backbone, args, with_labels=True):
     return windows, batches
 
 
-def answer(model, examples, windows, batches, args):
+def answer(model, examples, windows, batches, args, progress=False):
     """`({id: answer text}, logits)`: the best span of each question, each window's logits."""
-    logits = batches.predict(model, per_token=True)
+    logits = batches.predict(model, per_token=True, progress=progress)
     return decode_answers(examples, windows, logits, args.n_best, args.max_answer_length), logits
 
 
 def train(args):
     check_training_arguments(args)
     configure_from_arguments(args)  # --distribution: before any model is built
+    enable_compile_cache(args.compile_cache)  # reruns and resumes read compiled steps
     check_decoding_arguments(args)
     examples, val_examples = load_qa_splits(args.data, args.validation_data,
                                             args.validation_fraction, args.seed)
@@ -129,13 +140,31 @@ def train(args):
     if not is_primary_process():  # multi-host: process 0 writes the outputs
         return model, tokenizer, scores
     write_json(os.path.join(args.output_dir, "metrics.json"), results)
-    klora.save_adapter(model, os.path.join(args.output_dir, "adapter"),
-                       metadata={"task": "qa", "base_model": args.preset,
-                                 "max_length": args.max_length,
-                                 "doc_stride": args.doc_stride})
+    klora.save_adapter(model, os.path.join(args.output_dir, "adapter"), metadata={
+        "task": "qa", "base_model": args.preset, "max_length": args.max_length,
+        "doc_stride": args.doc_stride, "command": args.command_line,
+        "metrics": {k: v for k, v in scores.items() if isinstance(v, float)},
+        "validation": validation_record(args)})
     print(f"validation exact match {scores['exact_match']:.2f}, F1 {scores['f1']:.2f} "
           f"(best epoch {results['best_epoch']}); outputs in {args.output_dir}")
     return model, tokenizer, scores
+
+
+def load_trained(args):
+    """`(model, tokenizer, saved)`: the adapter's base model and span head with the adapter
+    loaded, what the adapter records, and `args` completed with its length and stride."""
+    metadata = klora.read_adapter_metadata(args.adapter)
+    saved = {**metadata, **from_adapter(args, metadata, {"base_model": ("--preset", str),
+                                                         "max_length": ("--max-length", int)})}
+    args.max_length = saved["max_length"]
+    if "doc_stride" in args:
+        args.doc_stride = args.doc_stride or min(metadata.get("doc_stride", 128),
+                                                 args.max_length // 2)
+        check_decoding_arguments(args)
+    backbone, tokenizer = load_backbone(saved["base_model"])
+    model = SpanExtractor(backbone)
+    klora.load_adapter(model, args.adapter)
+    return model, tokenizer, saved
 
 
 def predict(args):
@@ -149,25 +178,51 @@ def predict(args):
             context = f.read()
     if not context.strip() or not args.question.strip():
         raise ValueError("The question and the context must not be empty.")
-    metadata = klora.read_adapter_metadata(args.adapter)
-    saved = from_adapter(args, metadata, {"base_model": ("--preset", str),
-                                          "max_length": ("--max-length", int)})
-    args.max_length = saved["max_length"]
-    args.doc_stride = args.doc_stride or min(metadata.get("doc_stride", 128),
-                                             args.max_length // 2)
-    check_decoding_arguments(args)
+    model, tokenizer, _ = load_trained(args)
     args.batch_size = 32
-    backbone, tokenizer = load_backbone(saved["base_model"])
-    model = SpanExtractor(backbone)
-    klora.load_adapter(model, args.adapter)
     example = QAExample("q", "", context, args.question.strip(), [])
     windows, batches = qa_batches([example], tokenizer, model.backbone, args, with_labels=False)
     print(answer(model, [example], windows, batches, args)[0]["q"])
 
 
+def evaluate(args):
+    model, tokenizer, saved = load_trained(args)
+    if args.data:
+        examples = load_qa_set(args.data, args.split)
+    elif saved.get("validation"):
+        record = saved["validation"]
+        _, examples = load_qa_splits(record["data"], record["validation_data"],
+                                     record["validation_fraction"], record["seed"])
+    else:
+        raise ValueError("The adapter does not record its validation set: pass --data.")
+    windows, batches = qa_batches(examples, tokenizer, model.backbone, args)
+    answers, logits = answer(model, examples, windows, batches, args,
+                             progress=len(windows.sequences) > 1000)
+    scores = {**squad_scores(answers, {e.id: [t for t, _ in e.answers] for e in examples}),
+              "loss": span_cross_entropy(logits, windows.labels)}
+    print(f"{len(examples)} questions ({len(windows.sequences)} windows): exact match "
+          f"{scores['exact_match']:.2f}, F1 {scores['f1']:.2f}")
+    predictions = os.path.splitext(args.output)[0] + "_predictions.json"
+    write_json(predictions, {e.id: {"question": e.question, "answer": answers.get(e.id, ""),
+                                    "references": [t for t, _ in e.answers]}
+                             for e in examples})
+    write_json(args.output, {**scores, "questions": len(examples), "adapter": args.adapter,
+                             "data": args.data or "the adapter's validation set"})
+    print(f"scores in {args.output}, each question's answer in {predictions}")
+    return scores
+
+
+def export(args):
+    model, tokenizer, saved = load_trained(args)
+    klora.export(model, args.output, format=args.format, tokenizer=tokenizer,
+                 sequence_length=saved["max_length"])
+    print(f"{args.format} model in {args.output}")
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return exit_code(predict if args.command == "predict" else train, args)
+    commands = {"train": train, "predict": predict, "evaluate": evaluate, "export": export}
+    return exit_code(commands[args.command], args)
 
 
 if __name__ == "__main__":

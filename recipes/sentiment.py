@@ -5,10 +5,16 @@
     python recipes/sentiment.py train --data reviews.csv --text-column review \\
         --label-column stars --preset minilm --output-dir runs/reviews
     python recipes/sentiment.py predict --adapter runs/sentiment/adapter "a joyless film"
+    python recipes/sentiment.py evaluate --adapter runs/sentiment/adapter --data test.tsv
+    python recipes/sentiment.py export --adapter runs/sentiment/adapter --output hf-model
 
-`train` writes to --output-dir: adapter/ (PEFT format, with the label map),
-history.json, metrics.json, curves.png and per-epoch checkpoints. Rerunning an
-interrupted command resumes after the last finished epoch.
+`train` writes to --output-dir: adapter/ (PEFT format, with the label map and a
+model card), history.json, metrics.json, curves.png and per-epoch checkpoints.
+Rerunning an interrupted command resumes after the last finished epoch.
+`evaluate` scores an adapter on labelled data (default: the validation set it
+was trained with): accuracy, per-class precision / recall / F1, macro-F1, and a
+confusion-matrix PNG. `export` writes the merged model for `transformers` or
+keras-hub, loadable without klora.
 """
 
 import argparse
@@ -19,15 +25,18 @@ import keras
 
 import klora
 from klora.atomic import write_json
-from klora.data import TokenBatches, load_text_classification, read_lines
+from klora.data import TokenBatches, load_labelled_set, load_text_classification, read_lines
 from klora.distribution import configure_from_arguments, is_primary_process
+from klora.speed import enable_compile_cache
 from klora.metrics import classification_scores
 from klora.presets import load_text_classifier, takes_segment_ids
 from klora.speed.tcmalloc import relaunch_under_tcmalloc
 from klora.training import (add_training_arguments, check_max_length, check_training_arguments,
-                            exit_code, fine_tune, lora_config, lora_targets,
+                            exit_code, fine_tune, lora_config, lora_targets, plot_confusion,
                             quantize_backbone)
-from klora.training.arguments import from_adapter
+from klora.training.arguments import (add_adapter_arguments, add_evaluate_arguments,
+                                      add_export_arguments, from_adapter, validation_record,
+                                      with_command_line)
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 EXAMPLES = [
@@ -52,21 +61,25 @@ def parse_args(argv):
         sub.add_argument("--text-column", default=None, help="default: 'text' (files)")
         sub.add_argument("--label-column", default=None, help="default: 'label' (files)")
     predict = commands.add_parser("predict", help="label sentences with a trained adapter")
-    predict.add_argument("--adapter", required=True, help="adapter folder written by train")
-    predict.add_argument("--preset", default=None, help="base model (default: the adapter's)")
-    predict.add_argument("--labels", default=None,
-                         help="comma-separated class names (default: the adapter's)")
-    predict.add_argument("--max-length", type=int, default=None,
-                         help="longest token sequence (default: the adapter's)")
+    add_adapter_arguments(predict, "--labels")
     predict.add_argument("--file", default=None, help="a UTF-8 file, one sentence per line")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("texts", nargs="*", help="sentences to label")
-    return parser.parse_args(argv)
+    evaluate = commands.add_parser("evaluate", help="score an adapter on labelled data")
+    add_evaluate_arguments(evaluate, "--labels")
+    evaluate.add_argument("--text-column", default=None,
+                          help="default: the one it was trained with, else 'text'")
+    evaluate.add_argument("--label-column", default=None,
+                          help="default: the one it was trained with, else 'label'")
+    export = commands.add_parser("export", help="the merged model for transformers / keras-hub")
+    add_export_arguments(export, "--labels")
+    return with_command_line(parser.parse_args(argv), "recipes/sentiment.py", argv)
 
 
 def train(args):
     check_training_arguments(args)
     configure_from_arguments(args)  # --distribution: before any model is built
+    enable_compile_cache(args.compile_cache)  # reruns and resumes read compiled steps
     data = load_text_classification(args.data, args.validation_data, args.text_column,
                                     args.label_column, args.validation_fraction, args.seed)
     print(f"data: {len(data.train_texts)} training and {len(data.val_texts)} validation "
@@ -103,9 +116,12 @@ def train(args):
     if not is_primary_process():  # multi-host: process 0 writes the outputs
         return classifier, tokenizer, data.labels
     write_json(os.path.join(args.output_dir, "metrics.json"), results)
-    klora.save_adapter(classifier, os.path.join(args.output_dir, "adapter"),
-                       metadata={"labels": data.labels, "base_model": args.preset,
-                                 "max_length": args.max_length})
+    klora.save_adapter(classifier, os.path.join(args.output_dir, "adapter"), metadata={
+        "task": "sentiment", "labels": data.labels, "base_model": args.preset,
+        "max_length": args.max_length, "command": args.command_line,
+        "metrics": {k: v for k, v in scores.items() if isinstance(v, float)},
+        "validation": validation_record(args, text_column=args.text_column,
+                                        label_column=args.label_column)})
     print(f"validation accuracy {scores['accuracy']:.4f} (best epoch {results['best_epoch']}); "
           f"outputs in {args.output_dir}")
     return classifier, tokenizer, data.labels
@@ -120,18 +136,71 @@ def print_predictions(classifier, tokenizer, texts, labels, max_length, batch_si
         print(f"{labels[int(p.argmax())]}\t{p.max():.3f}\t{text}")
 
 
+def load_trained(args):
+    """`(classifier, tokenizer, saved)`: the adapter's base model with the adapter loaded,
+    and what the adapter records (base model, labels, length, validation set)."""
+    metadata = klora.read_adapter_metadata(args.adapter)
+    saved = {**metadata, **from_adapter(args, metadata, {
+        "base_model": ("--preset", str), "labels": ("--labels", lambda v: v.split(",")),
+        "max_length": ("--max-length", int)})}
+    classifier, tokenizer = load_text_classifier(saved["base_model"],
+                                                 num_classes=len(saved["labels"]))
+    klora.load_adapter(classifier, args.adapter)
+    return classifier, tokenizer, saved
+
+
 def predict(args):
     texts = list(args.texts) + (read_lines(args.file) if args.file else [])
     if not texts:
         raise ValueError("Give sentences to label as arguments or with --file.")
-    saved = from_adapter(args, klora.read_adapter_metadata(args.adapter), {
-        "base_model": ("--preset", str), "labels": ("--labels", lambda v: v.split(",")),
-        "max_length": ("--max-length", int)})
-    classifier, tokenizer = load_text_classifier(saved["base_model"],
-                                                 num_classes=len(saved["labels"]))
-    klora.load_adapter(classifier, args.adapter)
+    classifier, tokenizer, saved = load_trained(args)
     print_predictions(classifier, tokenizer, texts, saved["labels"], saved["max_length"],
                       args.batch_size)
+
+
+def evaluation_data(args, saved):
+    """`(texts, label_ids)`: `--data`, or the validation set the adapter was trained with."""
+    record = saved.get("validation")
+    columns = {"text_column": args.text_column or (record or {}).get("text_column"),
+               "label_column": args.label_column or (record or {}).get("label_column")}
+    if args.data:
+        return load_labelled_set(args.data, args.split, labels=saved["labels"], **columns)
+    if not record:
+        raise ValueError("The adapter does not record its validation set: pass --data.")
+    data = load_text_classification(record["data"], record["validation_data"],
+                                    validation_fraction=record["validation_fraction"],
+                                    seed=record["seed"], **columns)
+    if data.labels != saved["labels"]:
+        raise ValueError(f"The recorded data now has the labels {data.labels}; the adapter "
+                         f"was trained with {saved['labels']}.")
+    return data.val_texts, data.val_ids
+
+
+def evaluate(args):
+    classifier, tokenizer, saved = load_trained(args)
+    texts, ids = evaluation_data(args, saved)
+    batches = TokenBatches(texts, ids, tokenizer, saved["max_length"], args.batch_size,
+                           takes_segment_ids(classifier.backbone))
+    scores = classification_scores(batches.predict(classifier, progress=len(texts) > 1000),
+                                   ids, saved["labels"])
+    print(f"{len(texts)} examples: accuracy {scores['accuracy']:.4f}, macro-F1 "
+          f"{scores['macro_f1']:.4f}, loss {scores['loss']:.4f}")
+    for label, s in scores["per_class"].items():
+        print(f"  {label:<12} P {s['precision']:.4f}  R {s['recall']:.4f}  F1 {s['f1']:.4f}  "
+              f"support {s['support']}")
+    write_json(args.output, {**scores, "examples": len(texts), "adapter": args.adapter,
+                             "data": args.data or "the adapter's validation set"})
+    figure = os.path.splitext(args.output)[0] + "_confusion.png"
+    plot_confusion(scores["confusion"], saved["labels"], figure)
+    print(f"scores in {args.output}, confusion matrix in {figure}")
+    return scores
+
+
+def export(args):
+    classifier, tokenizer, saved = load_trained(args)
+    klora.export(classifier, args.output, format=args.format, tokenizer=tokenizer,
+                 labels=saved["labels"], sequence_length=saved["max_length"])
+    print(f"{args.format} model in {args.output}")
 
 
 def demo(args):
@@ -142,7 +211,9 @@ def demo(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return exit_code({"train": train, "demo": demo, "predict": predict}[args.command], args)
+    commands = {"train": train, "demo": demo, "predict": predict, "evaluate": evaluate,
+                "export": export}
+    return exit_code(commands[args.command], args)
 
 
 if __name__ == "__main__":

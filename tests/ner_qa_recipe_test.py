@@ -164,3 +164,24 @@ def test_tfds_names_offline_fail_fast(task_preset, tmp_path, capsys, monkeypatch
     assert recipe(name).main(args) == 2
     assert time.time() - start < 30
     assert "no network" in capsys.readouterr().err
+
+
+def test_ner_and_qa_evaluate_and_export(task_preset, tmp_path, capsys):
+    for name, args, key in (("ner", ner_args, "f1"), ("qa", qa_args, "f1")):
+        module = recipe(name)
+        out = tmp_path / name
+        assert module.main(args(task_preset, out)) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert module.main(["evaluate", "--adapter", str(out / "adapter"), "--output",
+                            str(tmp_path / f"{name}.json")]) == 0
+        scores = json.loads((tmp_path / f"{name}.json").read_text())
+        assert scores[key] == metrics["validation"][key]
+        assert module.main(["export", "--adapter", str(out / "adapter"),
+                            "--output", str(tmp_path / f"{name}-hf")]) == 0
+        assert (tmp_path / f"{name}-hf" / "config.json").is_file()
+        assert module.main(["export", "--adapter", str(out / "adapter"), "--format",
+                            "keras-hub", "--output", str(tmp_path / f"{name}-kh")]) == 2
+        assert "keras-hub has no task" in capsys.readouterr().err
+    predictions = json.loads((tmp_path / "qa_predictions.json").read_text())
+    assert len(predictions) == 3 and all("answer" in p for p in predictions.values())
+    assert "per_type" in json.loads((tmp_path / "ner.json").read_text())

@@ -53,7 +53,7 @@ def test_round_trip_reproduces_outputs_exactly(arch, task, tmp_path):
     labels = {"label_map": {"0": "negative", "1": "neutral", "2": "positive"}}
     klora.save_adapter(model, tmp_path / "adapter", metadata=labels)
     assert sorted(os.listdir(tmp_path / "adapter")) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = fresh(arch, weights, task)
     assert klora.read_adapter_metadata(tmp_path / "adapter") == labels
     assert klora.load_adapter(loaded, tmp_path / "adapter") == labels
@@ -331,3 +331,16 @@ def test_name_clash_and_unadapted_model(saved):
         klora.load_adapter(model, directory)
     klora.load_adapter(model, directory, adapter_name="copy")
     assert klora.adapter_names(model) == ["default", "copy"]
+
+
+def test_model_card_tells_what_the_adapter_is(tmp_path):
+    model, _ = trained("bert", task=True, use_dora=True)
+    klora.save_adapter(model, tmp_path, metadata={
+        "base_model": "minilm", "task": "sentiment", "labels": ["negative", "positive"],
+        "metrics": {"accuracy": 0.9125, "loss": 0.28}, "command": "recipes/sentiment.py train"})
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: \"minilm\"")
+    for text in ("for sentiment", "`recipes/sentiment.py train`", "`negative`, `positive`",
+                 "| accuracy | 0.9125 |", "| DoRA | True |", "| rank (`r`) | 2 |",
+                 f"klora {klora.__version__}"):
+        assert text in card, text

@@ -304,3 +304,76 @@ def test_minilm_dora_interop(direction, tmp_path):
         diff = peft_to_klora("bert", minilm_path(), tmp_path / "a", False,
                              ["query", "value"], rank=8, alpha=16, use_dora=True)
     assert diff <= TOLERANCE
+
+
+# ---- token-classification and question-answering adapters ---------------------------------
+
+
+def task_models(arch, directory, kind):
+    """klora's task model on the keras-hub backbone, and the matching transformers model."""
+    from klora.tasks import SpanExtractor, TokenClassifier
+
+    backbone = KERAS[arch][0].from_preset(directory)
+    prefix = "Bert" if arch == "bert" else "DistilBert"
+    if kind == "token":
+        extra = {"hidden_act": "gelu_new"} if arch == "bert" else {}
+        hf = getattr(transformers, f"{prefix}ForTokenClassification").from_pretrained(
+            directory, num_labels=3, **extra)
+        return TokenClassifier(backbone, num_tags=3), hf.eval()
+    extra = {"hidden_act": "gelu_new"} if arch == "bert" else {}
+    hf = getattr(transformers, f"{prefix}ForQuestionAnswering").from_pretrained(
+        directory, num_labels=2, **extra)
+    return SpanExtractor(backbone), hf.eval()
+
+
+def task_outputs(model, hf, x, kind):
+    """`(klora, transformers)` logits on the unpadded positions."""
+    ours = to_numpy(model(x))
+    inputs = {"input_ids": torch.tensor(x["token_ids"].astype("int64")),
+              "attention_mask": torch.tensor(x["padding_mask"].astype("int64"))}
+    if "segment_ids" in x:
+        inputs["token_type_ids"] = torch.tensor(x["segment_ids"].astype("int64"))
+    with torch.no_grad():
+        out = hf(**inputs)
+    theirs = out.logits.numpy() if kind == "token" else np.stack(
+        [out.start_logits.numpy(), out.end_logits.numpy()], -1)
+    real = x["padding_mask"].astype(bool)
+    return ours[real], theirs[real]
+
+
+@pytest.mark.parametrize("kind", ["token", "qa"])
+@pytest.mark.parametrize("arch", KERAS)
+def test_task_adapters_load_in_peft_and_back(arch, kind, hf_dirs, tmp_path):
+    import json
+
+    model, _ = task_models(arch, hf_dirs[arch], kind)
+    klora.apply(model, rank=2, alpha=4, targets="all-linear", seed=0)
+    randomize_adapters(model, seed=1)
+    head = model.get_layer("token_logits" if kind == "token" else "span_logits")
+    head.kernel.assign(0.2 * np.random.default_rng(2).normal(size=head.kernel.shape).astype(
+        "float32"))
+    klora.save_adapter(model, tmp_path / "k")
+    config = json.loads((tmp_path / "k" / "adapter_config.json").read_text())
+    assert config["task_type"] == {"token": "TOKEN_CLS", "qa": "QUESTION_ANS"}[kind]
+    assert config["modules_to_save"] == [{"token": "classifier", "qa": "qa_outputs"}[kind]]
+    _, hf = task_models(arch, hf_dirs[arch], kind)
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "k")).eval()
+    x = token_inputs(model.backbone)
+    ours, theirs = task_outputs(model, peft_model, x, kind)
+    assert max_diff(ours, theirs) <= TOLERANCE
+    # and a PEFT-made adapter of that task type into klora's head
+    torch.manual_seed(5)
+    _, hf = task_models(arch, hf_dirs[arch], kind)
+    peft_config = peft.LoraConfig(task_type={"token": "TOKEN_CLS", "qa": "QUESTION_ANS"}[kind],
+                                  r=2, lora_alpha=4, target_modules=TARGETS["qv"][1][arch],
+                                  init_lora_weights=False)
+    made = peft.get_peft_model(hf, peft_config).eval()
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "modules_to_save" in name:
+                p.copy_(torch.randn_like(p))
+    made.save_pretrained(str(tmp_path / "p"))
+    fresh, _ = task_models(arch, hf_dirs[arch], kind)
+    klora.load_adapter(fresh, tmp_path / "p")
+    ours, theirs = task_outputs(fresh, made, x, kind)
+    assert max_diff(ours, theirs) <= TOLERANCE

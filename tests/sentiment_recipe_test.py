@@ -57,6 +57,39 @@ def test_train_writes_every_output_then_predicts(tiny_preset, tmp_path, capsys):
     assert all(l.split("\t")[0] in ("negative", "positive") for l in lines)
 
 
+def test_evaluate_reproduces_train_and_export_loads_without_klora(tiny_preset, tmp_path,
+                                                                   capsys):
+    sentiment = recipe()
+    assert sentiment.main(train_args(tiny_preset, tmp_path / "run", "--tensorboard")) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    adapter = str(tmp_path / "run" / "adapter")
+    # the validation set train recorded, rebuilt: the same figures
+    assert sentiment.main(["evaluate", "--adapter", adapter,
+                           "--output", str(tmp_path / "eval.json")]) == 0
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["accuracy"] == metrics["validation_accuracy"] and scores["examples"] == 80
+    assert scores["per_class"].keys() == {"negative", "positive"} and "macro_f1" in scores
+    assert (tmp_path / "eval_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert sentiment.main(["evaluate", "--adapter", adapter, "--data", VALID, "--output",
+                           str(tmp_path / "file.json")]) == 0
+    assert json.loads((tmp_path / "file.json").read_text())["accuracy"] == scores["accuracy"]
+    # training you can watch: per-step history, TensorBoard, the model card
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history["steps"]["loss"]) == history["steps"]["epoch_end"][-1] > 2
+    assert history["steps"]["learning_rate"][0] < max(history["steps"]["learning_rate"])
+    assert [f for f in os.listdir(tmp_path / "run" / "tensorboard") if "tfevents" in f]
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "recipes/sentiment.py train" in card and "| accuracy |" in card
+    for fmt in ("transformers", "keras-hub"):
+        out = tmp_path / fmt
+        assert sentiment.main(["export", "--adapter", adapter, "--format", fmt,
+                               "--output", str(out)]) == 0
+        assert os.listdir(out)
+    assert sentiment.main(["export", "--adapter", adapter, "--output",
+                           str(tmp_path / "transformers")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
 def strip_klora_metadata(adapter):
     """The adapter as PEFT would have written it: no klora header in the weights file."""
     from klora.peft.safetensors import read_safetensors, write_safetensors

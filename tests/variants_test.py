@@ -1,7 +1,6 @@
 """The LoRA variants against hand-computed references: DoRA, PiSSA / OLoRA, a quantized
 base, per-layer ranks and alphas, blocks to transform, LoRA+ (every backend)."""
 
-import os
 
 import keras
 import keras_hub

@@ -160,3 +160,10 @@ def load_tagged_splits(data, validation_data=None, validation_fraction=0.1, seed
     tag_list = build_tag_list(tags)
     encode_tags(val_tags, tag_list, validation_data or "validation data")
     return sentences, tags, val_sentences, val_tags, tag_list
+
+
+def load_tagged_set(data, split="validation"):
+    """`(sentences, tags)` of a CoNLL / JSONL file or of a tfds split (for evaluation)."""
+    if _is_file(data):
+        return read_tagged_sentences(data)
+    return load_tfds_conll(data, split)

@@ -248,3 +248,10 @@ def load_qa_splits(data, validation_data=None, validation_fraction=0.1, seed=0):
         return split_by_article(train, validation_fraction, seed)
     return (load_tfds_squad(data, "train"),
             load_tfds_squad(data, validation_data or "validation"))
+
+
+def load_qa_set(data, split="validation"):
+    """`QAExample`s of a SQuAD JSON file or of a tfds split (for evaluation)."""
+    if os.path.exists(data) or data.lower().endswith(".json"):
+        return read_squad(data)
+    return load_tfds_squad(data, split)

@@ -53,3 +53,19 @@ def load_text_classification(data, validation_data=None, text_column=None, label
             raise
         texts, ids, val_texts, val_ids = split_off(texts, ids, validation_fraction, seed)
     return TextClassificationSplits(texts, ids, val_texts, val_ids, labels)
+
+
+def load_labelled_set(data, split, text_column, label_column, labels):
+    """`(texts, label_ids)` of a labelled file or a tfds split, with class indices of
+    `labels` (the trained model's class names, in class-index order)."""
+    index = {label: i for i, label in enumerate(labels)}
+    if _is_file(data):
+        texts, raw = read_labelled_text(data, text_column or "text", label_column or "label")
+        if all(isinstance(l, str) for l in labels) and not all(isinstance(l, str) for l in raw):
+            raw = [str(l) for l in raw]
+        return texts, encode_labels(raw, index, data)
+    texts, ids, names = load_tfds_text(data, split, text_column, label_column)
+    if [str(n) for n in names] != [str(l) for l in labels]:
+        raise ValueError(f"Dataset '{data}' has the labels {names}; the adapter was trained "
+                         f"with {labels}.")
+    return texts, ids

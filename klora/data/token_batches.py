@@ -185,13 +185,17 @@ class TokenBatches:
                 indices = indices[self.shard_index * rows:(self.shard_index + 1) * rows]
             yield self._batch(indices, length)
 
-    def predict(self, model, per_token=False):
+    def predict(self, model, per_token=False, progress=False):
         """`model`'s outputs for every text, in the original order.
 
         With `per_token`, returns a list of each sequence's per-token outputs
-        (padding cut off) instead of one stacked array.
+        (padding cut off) instead of one stacked array; with `progress`, shows a
+        progress bar over the examples.
         """
+        import keras
+
         outputs = [None] * len(self.sequences)
+        bar = keras.utils.Progbar(len(self.sequences), unit_name="example") if progress else None
         for indices, length in self.index_batches():
             # Full batches only: one compiled shape per bucket, and a batch that
             # always splits evenly over the devices of a keras.distribution.
@@ -200,6 +204,8 @@ class TokenBatches:
             x = x if self.labels is None else x[0]
             for i, row in zip(indices, np.asarray(model.predict_on_batch(x))):
                 outputs[i] = row[: len(self.sequences[i])] if per_token else row
+            if bar is not None:
+                bar.add(len(indices))
         return outputs if per_token else np.stack(outputs)
 
     def dataset(self, shuffle=False, seed=0, first_epoch=0):

@@ -2,12 +2,15 @@
 
 PEFT keys an adapter by the `transformers` module it adapts, e.g.
 `encoder.layer.0.attention.self.query` for the keras-hub layer
-`transformer_layer_0/self_attention_layer/query`. A Task (e.g.
-`BertTextClassifier`) corresponds to a `*ForSequenceClassification` model:
-its backbone's modules get the `bert.` / `distilbert.` prefix and its head
-layers are `classifier` (keras `logits`) and, for DistilBERT,
-`pre_classifier` (keras `pooled_dense`). Layers without such a name (other
-models) are keyed by their keras `layer.path`.
+`transformer_layer_0/self_attention_layer/query`. A Task corresponds to a
+`transformers` task model, whose backbone modules get the `bert.` /
+`distilbert.` prefix: keras-hub's `*TextClassifier` to `*ForSequenceClassification`
+(PEFT `task_type` `SEQ_CLS`; head `classifier`, keras `logits`, and for
+DistilBERT `pre_classifier`, keras `pooled_dense`), klora's `TokenClassifier`
+to `*ForTokenClassification` (`TOKEN_CLS`; `classifier`, keras `token_logits`)
+and `SpanExtractor` to `*ForQuestionAnswering` (`QUESTION_ANS`; `qa_outputs`,
+keras `span_logits`). Layers without such a name (other models) are keyed by
+their keras `layer.path`.
 
 Both libraries flatten a kernel's input and output axes in the same order
 (heads major, head dimension minor), so a keras `A: (fan_in, r)` is PEFT's
@@ -45,14 +48,22 @@ _LAYER_NAMES = {
 }
 _STACK = {BERT: "encoder.layer", DISTIL_BERT: "transformer.layer"}
 _BACKBONE_EXTRA = {BERT: {"pooled_dense": "pooler.dense"}, DISTIL_BERT: {}}
-_HEADS = {
-    BERT: {"logits": "classifier"},
-    DISTIL_BERT: {"pooled_dense": "pre_classifier", "logits": "classifier"},
+SEQ_CLS, TOKEN_CLS, QUESTION_ANS = "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"
+_HEADS = {  # (architecture, PEFT task type): {keras head layer: transformers module}
+    (BERT, SEQ_CLS): {"logits": "classifier"},
+    (DISTIL_BERT, SEQ_CLS): {"pooled_dense": "pre_classifier", "logits": "classifier"},
+    (BERT, TOKEN_CLS): {"token_logits": "classifier"},
+    (DISTIL_BERT, TOKEN_CLS): {"token_logits": "classifier"},
+    (BERT, QUESTION_ANS): {"span_logits": "qa_outputs"},
+    (DISTIL_BERT, QUESTION_ANS): {"span_logits": "qa_outputs"},
 }
-# The transformers classes a klora model corresponds to: (backbone, task).
+# The transformers classes a klora model corresponds to, by PEFT task type.
 HF_CLASSES = {
-    BERT: ("BertModel", "BertForSequenceClassification"),
-    DISTIL_BERT: ("DistilBertModel", "DistilBertForSequenceClassification"),
+    BERT: {None: "BertModel", SEQ_CLS: "BertForSequenceClassification",
+           TOKEN_CLS: "BertForTokenClassification", QUESTION_ANS: "BertForQuestionAnswering"},
+    DISTIL_BERT: {None: "DistilBertModel", SEQ_CLS: "DistilBertForSequenceClassification",
+                  TOKEN_CLS: "DistilBertForTokenClassification",
+                  QUESTION_ANS: "DistilBertForQuestionAnswering"},
 }
 
 
@@ -71,6 +82,17 @@ def architecture(model):
 def is_task(model):
     """Whether `model` is a Task wrapping a backbone (its names get a prefix)."""
     return isinstance(getattr(model, "backbone", None), keras.layers.Layer)
+
+
+def task_type(model):
+    """PEFT's `task_type` of a model: `SEQ_CLS` for a keras-hub text classifier, what a
+    klora task declares (`TokenClassifier`: `TOKEN_CLS`, `SpanExtractor`: `QUESTION_ANS`),
+    else `None`."""
+    import keras_hub
+
+    if isinstance(model, keras_hub.models.TextClassifier):
+        return SEQ_CLS
+    return getattr(model, "peft_task_type", None) if is_task(model) else None
 
 
 def architecture_of_module(name):
@@ -110,10 +132,10 @@ def peft_module_names(model):
         for layer in _linear_layers(backbone, include_self=True):
             name = _backbone_name(arch, layer.path) if arch else None
             names[prefix + name if name else layer.path] = layer
+        heads = _HEADS.get((arch, task_type(model)), {})
         for layer in _linear_layers(model):
             if id(layer) not in inner:
-                name = _HEADS[arch].get(layer.path) if arch else None
-                names[name or layer.path] = layer
+                names[heads.get(layer.path, layer.path)] = layer
     else:
         for layer in _linear_layers(model):
             name = _backbone_name(arch, layer.path) if arch else None
@@ -127,6 +149,9 @@ def resolve_module(module, names, model):
     backbone; `None` if the model has no such module."""
     if module in names:
         return module
+    paths = {layer.path: name for name, layer in names.items()}
+    if module in paths:  # klora 0.1 keyed task heads by their keras names
+        return paths[module]
     arch = architecture(model)
     if arch and is_task(model) and f"{arch}.{module}" in names:
         return f"{arch}.{module}"

@@ -11,12 +11,14 @@ from klora.adapted_model import (active_adapter, adapted_layers, adapter_names,
                                  stored_head_values)
 from klora.atomic import atomic_directory
 from klora.layers import LoRALayer
+from klora.peft.card import model_card
 from klora.peft.config import peft_config
-from klora.peft.names import HF_CLASSES, architecture, is_task, peft_module_names
+from klora.peft.names import HF_CLASSES, architecture, is_task, peft_module_names, task_type
 from klora.peft.safetensors import write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
 PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 
@@ -71,20 +73,16 @@ def plain_lora(config, values):
     return config.replace(rank=rank, alpha=alpha, init="kaiming"), values
 
 
-def _task_type(model, arch):
-    if arch in HF_CLASSES and is_task(model) and "TextClassifier" in type(model).__name__:
-        return "SEQ_CLS"
-    return None
-
-
 def save_adapter(model, path, metadata=None, adapter_name=None):
     """Saves one adapter of `model` (and its trained head) as PEFT files in directory `path`.
 
-    Writes `adapter_config.json` and `adapter_model.safetensors`, keyed by
-    layer, loadable by `klora.load_adapter` and by PEFT's
+    Writes `adapter_config.json`, `adapter_model.safetensors` (keyed by layer) and
+    a model card `README.md` (from `metadata`: `base_model`, `task`, `labels`,
+    `metrics`, `command`), loadable by `klora.load_adapter` and by PEFT's
     `PeftModel.from_pretrained` on the matching `transformers` model
-    (`BertModel` / `DistilBertModel` for a backbone,
-    `*ForSequenceClassification` for a text classifier). A PiSSA / OLoRA adapter
+    (`BertModel` / `DistilBertModel` for a backbone, `*ForSequenceClassification`
+    for a text classifier, `*ForTokenClassification` / `*ForQuestionAnswering` for
+    klora's `TokenClassifier` / `SpanExtractor`). A PiSSA / OLoRA adapter
     is written as the plain LoRA adapter it amounts to on the original base
     kernel (see `plain_lora`); a DoRA adapter with its magnitudes. The directory is
     replaced atomically: an interrupted save leaves the previous adapter in
@@ -125,11 +123,11 @@ def save_adapter(model, path, metadata=None, adapter_name=None):
             configs[module] = config
     heads, head_modules = _head_tensors(model, names, adapter_name)
     tensors.update(heads)
-    base_class, _ = HF_CLASSES.get(arch, (None, None))
-    auto_mapping = None if is_task(model) or not base_class else {
-        "base_model_class": base_class,
+    kind = task_type(model) if arch in HF_CLASSES else None
+    auto_mapping = None if is_task(model) or arch not in HF_CLASSES else {
+        "base_model_class": HF_CLASSES[arch][None],
         "parent_library": f"transformers.models.{arch}.modeling_{arch}"}
-    config = peft_config(configs, head_modules, _task_type(model, arch), auto_mapping)
+    config = peft_config(configs, head_modules, kind, auto_mapping)
     config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
     header = {
         "version": FORMAT_VERSION,
@@ -140,8 +138,10 @@ def save_adapter(model, path, metadata=None, adapter_name=None):
         "metadata": metadata,
     }
     weights_bytes = write_safetensors(tensors, {"format": "pt", "klora": json.dumps(header)})
+    card = model_card(config, metadata, adapter_name).encode()
     with atomic_directory(path) as directory:
-        for name, data in ((WEIGHTS_NAME, weights_bytes), (CONFIG_NAME, config_bytes)):
+        for name, data in ((WEIGHTS_NAME, weights_bytes), (CONFIG_NAME, config_bytes),
+                           (CARD_NAME, card)):
             with open(os.path.join(directory, name), "wb") as f:
                 f.write(data)
     return path

@@ -20,6 +20,9 @@ class EncoderTask(keras.Model):
     named in `config_fields` (the subclass's constructor arguments)."""
 
     config_fields = ()
+    # The backbone's pooler computes nothing these tasks use (transformers' token and
+    # span models have none): `klora.apply(..., targets="all-linear")` leaves it out.
+    unused_backbone_layers = ("pooled_dense",)
 
     def get_config(self):
         return {"backbone": keras.layers.serialize(self.backbone),

@@ -29,6 +29,7 @@ class SpanExtractor(EncoderTask):
     """
 
     config_fields = ("dropout",)
+    peft_task_type = "QUESTION_ANS"  # transformers' *ForQuestionAnswering
 
     def __init__(self, backbone, dropout=0.1, **kwargs):
         inputs = backbone.input

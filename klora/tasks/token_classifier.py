@@ -27,6 +27,7 @@ class TokenClassifier(EncoderTask):
     """
 
     config_fields = ("num_tags", "dropout")
+    peft_task_type = "TOKEN_CLS"  # transformers' *ForTokenClassification
 
     def __init__(self, backbone, num_tags, dropout=0.1, **kwargs):
         inputs = backbone.input

@@ -5,16 +5,20 @@
 >>> args = parser.parse_args([...]); check_training_arguments(args)
 """
 
+import os
+import shlex
 import sys
 
 import keras
 
 from klora.config import LoraConfig
 from klora.distribution import add_distribution_arguments
+from klora.speed.compile_cache import default_directory
 
 # Flags that may change when a run resumes: they do not change what is trained.
 RESUMABLE_CHANGES = {"output_dir", "patience", "distribution", "model_parallel",
-                     "coordinator_address", "remat", "restart", "command"}
+                     "coordinator_address", "remat", "restart", "command", "tensorboard",
+                     "command_line", "compile_cache"}
 
 
 def add_training_arguments(parser, **defaults):
@@ -63,8 +67,62 @@ def add_training_arguments(parser, **defaults):
         help="rerunning the same command resumes from its checkpoints")
     add("--restart", action="store_true",
         help="delete the output folder's checkpoints and train from the start")
+    add("--tensorboard", action="store_true",
+        help="write per-step loss and learning rate and per-epoch validation scores to "
+             "OUTPUT_DIR/tensorboard")
+    add("--compile-cache", default=default_directory(),
+        help="keep compiled XLA programs here so reruns and resumes skip compiling "
+             "(JAX; default $KLORA_COMPILE_CACHE or ~/.cache/klora/jax; 'none': off)")
     add_distribution_arguments(parser)
     return parser
+
+
+def add_adapter_arguments(parser, names_flag=None, names_help="class names"):
+    """`--adapter`, and the flags that supply what an adapter made by PEFT does not record:
+    `--preset`, `--max-length` and (`names_flag`, e.g. `--labels`) its label names."""
+    parser.add_argument("--adapter", required=True, help="adapter folder written by train")
+    parser.add_argument("--preset", default=None, help="base model (default: the adapter's)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="longest token sequence (default: the adapter's)")
+    if names_flag:
+        parser.add_argument(names_flag, default=None,
+                            help=f"comma-separated {names_help} (default: the adapter's)")
+    return parser
+
+
+def add_evaluate_arguments(parser, names_flag=None, names_help="class names"):
+    """The flags of a recipe's `evaluate`: the adapter, the labelled data, the output."""
+    add_adapter_arguments(parser, names_flag, names_help)
+    parser.add_argument("--data", default=None,
+                        help="labelled file or tensorflow-datasets name (default: the "
+                             "validation set the adapter was trained with)")
+    parser.add_argument("--split", default="validation",
+                        help="split of a tensorflow-datasets --data (default: validation)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", default="evaluation.json",
+                        help="where the scores go as JSON; figures go beside it")
+    return parser
+
+
+def add_export_arguments(parser, names_flag=None, names_help="class names"):
+    """The flags of a recipe's `export`: the adapter, the format, the output folder."""
+    add_adapter_arguments(parser, names_flag, names_help)
+    parser.add_argument("--format", choices=("transformers", "keras-hub"), default="transformers")
+    parser.add_argument("--output", required=True, help="a new (or empty) folder")
+    return parser
+
+
+def with_command_line(args, script, argv):
+    """`args` with `command_line`: the command that ran, for the adapter's model card."""
+    args.command_line = shlex.join(["python", script, *argv])
+    return args
+
+
+def validation_record(args, **columns):
+    """How `train` got its validation set (files absolute), for `evaluate` to rebuild it."""
+    absolute = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p
+    return {"data": absolute(args.data), "validation_data": absolute(args.validation_data),
+            "validation_fraction": args.validation_fraction, "seed": args.seed, **columns}
 
 
 def check_training_arguments(args):

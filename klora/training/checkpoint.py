@@ -130,7 +130,8 @@ class ResumableTraining(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
-            self.history.setdefault(key, []).append(float(value))
+            if key != "step_loss":  # per-step values live in history["steps"]
+                self.history.setdefault(key, []).append(float(value))
         if self.monitor not in self.history:
             raise ValueError(f"Metric '{self.monitor}' not in the logs {sorted(logs or {})}.")
         self._save("last.npz", self.model)

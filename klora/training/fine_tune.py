@@ -7,7 +7,9 @@
 model's predictions on every example (padded to full batches, so nothing is
 dropped on any number of devices); its numbers enter the logs prefixed `val_`.
 Writes to `args.output_dir`: `checkpoints/` (per epoch, for resuming; the run's
-settings are checked on resume), `history.json` and `curves.png`. The model
+settings are checked on resume), `history.json` (per epoch, and every step's loss and
+learning rate under `steps`), `curves.png` and, with `--tensorboard`, `tensorboard/`
+(per-step loss and learning rate, per-epoch validation scores). The model
 ends with the weights of its best validation epoch.
 
 Under a `keras.distribution` (see `klora.distribution`), each host feeds its
@@ -25,10 +27,12 @@ import keras
 from klora.atomic import write_json
 from klora.distribution import is_primary_process, process_index, shard_batches
 from klora.loraplus import loraplus
+from klora.speed.compile_cache import CompileTime
 from klora.training.arguments import run_settings
 from klora.training.checkpoint import ResumableTraining
 from klora.training.evaluation import EpochEvaluation
 from klora.training.plot import plot_history
+from klora.training.step_history import StepHistory, StepLoss
 
 
 def adamw_with_warmup(learning_rate, total_steps, warmup_fraction=0.1, weight_decay=0.01):
@@ -73,7 +77,7 @@ def fine_tune(model, train_batches, args, loss, evaluate, metrics=(), monitor="v
     optimizer = adamw_with_warmup(args.learning_rate, len(train_batches) * args.epochs)
     if args.loraplus_ratio:
         optimizer = loraplus(optimizer, args.loraplus_ratio)
-    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    model.compile(optimizer=optimizer, loss=loss, metrics=[*metrics, StepLoss(loss)])
     train_batches = _sharded_training_batches(train_batches)
     checkpoints = os.path.join(args.output_dir, "checkpoints")
     if args.restart and is_primary_process():
@@ -87,16 +91,23 @@ def fine_tune(model, train_batches, args, loss, evaluate, metrics=(), monitor="v
     if done:
         print(f"Resuming after epoch {done} from {checkpoints}")
     start = time.time()
+    compiling = CompileTime()
     if done < args.epochs and not training.stopped_early():
-        model.fit(train_batches.dataset(shuffle=True, seed=args.seed, first_epoch=done),
-                  epochs=args.epochs, initial_epoch=done,
-                  callbacks=[EpochEvaluation(evaluate), *callbacks, training],
-                  verbose=2 if os.environ.get("CI") else 1)
+        tensorboard = (os.path.join(args.output_dir, "tensorboard")
+                       if args.tensorboard and is_primary_process() else None)
+        with compiling:
+            model.fit(train_batches.dataset(shuffle=True, seed=args.seed, first_epoch=done),
+                      epochs=args.epochs, initial_epoch=done,
+                      callbacks=[EpochEvaluation(evaluate),
+                                 StepHistory(training.history, tensorboard), *callbacks, training],
+                      verbose=2 if os.environ.get("CI") else 1)
     best = training.restore_best()
     results = {"best_epoch": None if best is None else best + 1,
                "epochs_run": len(training.history.get("loss", [])),
                "train_seconds_this_run": round(time.time() - start, 1),
-               **{k: v[best] for k, v in training.history.items() if best is not None}}
+               "compile_seconds_this_run": round(compiling.seconds, 1),
+               **{k: v[best] for k, v in training.history.items()
+                  if best is not None and k != "steps"}}
     if is_primary_process():
         write_json(os.path.join(args.output_dir, "history.json"), training.history)
         plot_history(training.history, os.path.join(args.output_dir, "curves.png"), title=title)
