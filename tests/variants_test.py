@@ -11,6 +11,7 @@ import klora
 from klora import LoRADense, LoRAEinsumDense
 from klora.adapted_model import lora_class
 from klora.layers.variants import host_column_norms
+from klora.training import quantize_backbone
 from tests.conftest import (randomize_adapters, sequence_output, tiny_bert, tiny_distil_bert,
                             to_numpy, token_inputs)
 
@@ -345,3 +346,28 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate(optimizer):
         np.testing.assert_allclose(plus[path], factor * plain[path], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="positive"):
         klora.loraplus(keras.optimizers.Adam(), 0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_adapter_of_a_partly_adapted_quantized_backbone_saves_and_loads(mode, tmp_path):
+    # Quantized layers left without adapters (pooled_dense, key, ...) are no head:
+    # an int4 layer's `kernel` is an unpacked array, not a variable.
+    keras.utils.set_random_seed(0)
+    float_backbone = tiny_bert()
+    classifier = keras_hub.models.BertTextClassifier(backbone=tiny_bert(), num_classes=2,
+                                                     preprocessor=None)
+    classifier.backbone.set_weights(float_backbone.get_weights())
+    quantize_backbone(classifier, mode)
+    klora.apply(classifier, rank=2, seed=0)
+    randomize_adapters(classifier, seed=1)
+    klora.save_adapter(classifier, tmp_path / "adapter")
+    x = token_inputs(float_backbone)
+    again = keras_hub.models.BertTextClassifier(backbone=tiny_bert(), num_classes=2,
+                                                preprocessor=None)
+    again.backbone.set_weights(float_backbone.get_weights())
+    klora.load_adapter(quantize_backbone(again, mode), tmp_path / "adapter")
+    np.testing.assert_allclose(to_numpy(again(x)), to_numpy(classifier(x)), atol=1e-5)
+    fresh = keras_hub.models.BertTextClassifier(backbone=float_backbone, num_classes=2,
+                                                preprocessor=None)
+    klora.load_adapter(fresh, tmp_path / "adapter")
+    assert np.abs(to_numpy(fresh(x)) - to_numpy(classifier(x))).max() < 0.5

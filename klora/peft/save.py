@@ -44,7 +44,8 @@ def _head_tensors(model, names, adapter_name):
     values = stored_head_values(model, adapter_name)
     tensors, modules = {}, []
     for module, layer in names.items():
-        if type(layer) is keras.layers.Dense and layer.kernel.path in values:
+        if (type(layer) is keras.layers.Dense and layer.quantization_mode is None
+                and layer.kernel.path in values):  # a quantized layer is never a head
             tensors[f"{PREFIX}{module}.weight"] = values.pop(layer.kernel.path).T
             if layer.bias is not None:
                 bias = values.pop(layer.bias.path, None)
