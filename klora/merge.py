@@ -5,6 +5,7 @@ from keras import ops
 
 from klora.adapted_model import (adapted_layers, forget_heads, forget_removed_layers,
                                  require_adapters, reset_compiled_functions)
+from klora.layers import quantized
 from klora.speed.fast_layers import restore_layers
 
 
@@ -68,6 +69,11 @@ def merged_weights(model):
         weights[layer._kernel.path] = np.asarray(ops.convert_to_numpy(
             layer._to_kernel_layout(kernel)), "float32")
         skipped |= {id(v) for v in layer.weights if v is not layer.bias}
+    for layer in model._flatten_layers(include_self=False):
+        if quantized.is_quantized(layer) and id(layer._kernel) not in skipped:
+            weights[layer._kernel.path] = np.asarray(ops.convert_to_numpy(
+                quantized.dequantized_kernel(layer)), "float32")
+            skipped |= {id(v) for v in layer.weights if v is not layer.bias}
     for variable in model.weights:
         if id(variable) not in skipped:
             weights[variable.path] = np.asarray(ops.convert_to_numpy(variable))

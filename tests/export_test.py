@@ -13,6 +13,7 @@ import pytest
 import klora
 from klora.presets import load_backbone
 from klora.tasks import SpanExtractor, TokenClassifier
+from klora.training import quantize_backbone
 from tests.conftest import randomize_adapters, to_numpy
 
 transformers = pytest.importorskip("transformers")
@@ -175,3 +176,24 @@ def test_bad_exports_write_nothing(task_preset, tmp_path):
         klora.export(model, tmp_path / "d")
     assert sorted(os.listdir(tmp_path)) == ["c"]
     assert os.listdir(tmp_path / "c") == ["keep.txt"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_base_exports_as_float(task_preset, mode, tmp_path):
+    # Adapted and unadapted quantized kernels alike leave dequantized, in float layers.
+    _, tokenizer = load_backbone(task_preset)
+    model = keras_hub.models.TextClassifier.from_preset(task_preset, num_classes=3,
+                                                        preprocessor=None)
+    klora.apply(quantize_backbone(model, mode), rank=2, alpha=4, seed=0)
+    randomize_adapters(model, seed=1)
+    x = klora_inputs(tokenizer, model.backbone, TEXTS)
+    ours = to_numpy(model(x))
+    klora.export(model, tmp_path / "hf", tokenizer=tokenizer, labels=["a", "b", "c"])
+    run_without_klora(TRANSFORMERS_SCRIPT, tmp_path / "hf", "seq", tmp_path / "out.npz",
+                      json.dumps([TEXTS, QUESTION, CONTEXT]))
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], ours, atol=1e-4)
+    klora.export(model, tmp_path / "preset", format="keras-hub", tokenizer=tokenizer,
+                 sequence_length=32)
+    run_without_klora(KERAS_HUB_SCRIPT, tmp_path / "preset", "seq", tmp_path / "out.npy",
+                      json.dumps(TEXTS))
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), ours, atol=1e-4)

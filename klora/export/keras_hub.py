@@ -1,7 +1,7 @@
 """A klora model as a keras-hub preset folder, loadable with `from_preset` without klora.
 
-The preset holds a plain copy of the model (keras-hub's own classes) with the adapters
-merged into its kernels, the tokenizer, and for a text classifier its preprocessor:
+The preset holds a plain float copy of the model (keras-hub's own classes) with the
+adapters merged into its kernels (a quantized kernel dequantized), the tokenizer, and for a text classifier its preprocessor:
 `keras_hub.models.TextClassifier.from_preset(folder)` classifies raw strings.
 keras-hub has no token-classification or question-answering task, so klora's
 `TokenClassifier` and `SpanExtractor` cannot be presets of their own: export their
@@ -20,6 +20,9 @@ def plain_copy(model, weights, preprocessor=None):
     if isinstance(model, keras_hub.models.Task):
         config = {**config, "backbone": plain_copy(model.backbone, weights),
                   "preprocessor": preprocessor}
+    if isinstance(model, keras_hub.models.Backbone):  # float layers: quantization is merged
+        policy = model.dtype_policy
+        config = {**config, "dtype": getattr(policy, "default_policy", policy).name}
     copy = base.from_config(config)
     for variable in copy.weights:
         if variable.path not in weights:

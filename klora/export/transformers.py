@@ -92,10 +92,11 @@ def transformers_tensors(model, weights):
         if kind in (TOKEN_CLS, QUESTION_ANS) and layer.name == "pooled_dense":
             used |= {v.path for v in layer.weights}
             continue
-        kernel = weights[layer.kernel.path]
+        kernel_path = layer._kernel.path  # a quantized layer's `kernel` may be no variable
+        kernel = weights[kernel_path]
         bias = None if layer.bias is None else weights[layer.bias.path]
         tensors.update(_linear_tensors(name, layer, kernel, bias))
-        used |= {layer.kernel.path} | ({layer.bias.path} if layer.bias is not None else set())
+        used |= {kernel_path} | ({layer.bias.path} if layer.bias is not None else set())
     for path, value in weights.items():
         if path in used or path.endswith("seed_generator_state"):
             continue

@@ -30,6 +30,12 @@ def check_supported(layer):
                          f"float kernels and Keras' {' and '.join(MODES)} quantization.")
 
 
+def is_quantized(layer):
+    """Whether `layer` is a `Dense` / `EinsumDense` with a kernel Keras quantized to int8/int4."""
+    return (isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+            and layer.quantization_mode in MODES)
+
+
 def _is_einsum(layer):
     return isinstance(layer, keras.layers.EinsumDense)
 
