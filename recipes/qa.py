@@ -7,8 +7,8 @@
     python recipes/qa.py evaluate --adapter runs/qa/adapter --data dev.json
     python recipes/qa.py export --adapter runs/qa/adapter --output hf-reader
 
-Data: a tfds name or SQuAD v1.1 JSON (with --validation-data, or a held-out
---validation-fraction of the articles). Each question is packed with its
+Data: a tfds name (`squad`, `squad/v2.0`) or SQuAD v1.1 / v2.0 JSON (with
+--validation-data, or a held-out --validation-fraction of the articles). Each question is packed with its
 context as `[CLS] question [SEP] context [SEP]`; a context longer than
 --max-length is cut into overlapping windows that start --doc-stride
 sub-tokens apart. Answer character spans map to token spans through each
@@ -19,6 +19,13 @@ best span over all windows and maps it back to the context text.
 
 The metric is SQuAD exact match and F1 (official normalization, maximum over
 the reference answers), reported every epoch (`val_f1` drives early stopping).
+
+SQuAD 2.0 mode follows the data (questions with `is_impossible`): unanswerable
+questions and windows without the answer are labelled with the `[CLS]` position,
+a question's answer is empty when its null score beats its best span by more than
+a threshold tuned for F1 on the validation set every epoch and saved with the
+adapter (`predict` and `evaluate` use it), and the metrics are the official v2 ones
+(exact match and F1 overall, for `HasAns` and for `NoAns` questions).
 `train` writes to --output-dir: adapter/ (PEFT format, head included),
 history.json, metrics.json, curves.png and per-epoch checkpoints; rerunning
 resumes.
@@ -31,10 +38,11 @@ import sys
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches
-from klora.data.squad import (QAExample, decode_answers, load_qa_set, load_qa_splits,
-                              make_windows)
+from klora.data.squad import (QAExample, is_squad_v2, load_qa_set, load_qa_splits,
+                              make_windows, span_answers)
 from klora.data.word_alignment import WordPieces
-from klora.metrics import span_cross_entropy, squad_scores
+from klora.metrics import (best_null_threshold, span_cross_entropy, squad_scores,
+                           squad_v2_scores)
 from klora.distribution import configure_from_arguments, is_primary_process
 from klora.speed import enable_compile_cache
 from klora.presets import load_backbone, takes_segment_ids
@@ -100,9 +108,35 @@ def qa_batches(examples, tokenizer, backbone, args, with_labels=True):
 
 
 def answer(model, examples, windows, batches, args, progress=False):
-    """`({id: answer text}, logits)`: the best span of each question, each window's logits."""
+    """`(texts, margins, logits)`: each question's best span and null margin, and each
+    window's logits."""
     logits = batches.predict(model, per_token=True, progress=progress)
-    return decode_answers(examples, windows, logits, args.n_best, args.max_answer_length), logits
+    return (*span_answers(examples, windows, logits, args.n_best, args.max_answer_length),
+            logits)
+
+
+def score_answers(examples, windows, texts, margins, logits, null_threshold=None):
+    """`(answers, scores)`: SQuAD 1.1 scores of the best spans, or for SQuAD 2.0 data the
+    official v2 scores of the answers at `null_threshold` (None: tuned on `examples`)."""
+    references = {e.id: [text for text, _ in e.answers] for e in examples}
+    loss = span_cross_entropy(logits, windows.labels)
+    if not is_squad_v2(examples):
+        return texts, {**squad_scores(texts, references), "loss": loss}
+    if null_threshold is None:
+        null_threshold, _ = best_null_threshold(texts, margins, references)
+    answers = {q: "" if margins[q] > null_threshold else t for q, t in texts.items()}
+    return answers, {**squad_v2_scores(answers, references), "null_threshold": null_threshold,
+                     "loss": loss}
+
+
+def describe(scores):
+    """`exact match .., F1 ..` (SQuAD 2.0: with the HasAns / NoAns F1 and the threshold)."""
+    text = f"exact match {scores['exact_match']:.2f}, F1 {scores['f1']:.2f}"
+    if "null_threshold" in scores:
+        parts = [f"{kind} F1 {scores[kind + '_f1']:.2f}" for kind in ("HasAns", "NoAns")
+                 if kind + "_f1" in scores]
+        text += f" ({', '.join(parts)}, null threshold {scores['null_threshold']:.3f})"
+    return text
 
 
 def train(args):
@@ -124,12 +158,13 @@ def train(args):
     windows, train_batches = qa_batches(examples, tokenizer, model.backbone, args)
     val_windows, val_batches = qa_batches(val_examples, tokenizer, model.backbone, args)
     print(f"windows: {len(windows.sequences)} training, {len(val_windows.sequences)} validation")
-    references = {e.id: [text for text, _ in e.answers] for e in val_examples}
+    squad_v2 = is_squad_v2(examples + val_examples)
+    if squad_v2:
+        print("SQuAD 2.0 data: unanswerable questions predict the null span")
 
     def evaluate(model):
-        answers, logits = answer(model, val_examples, val_windows, val_batches, args)
-        return {**squad_scores(answers, references),
-                "loss": span_cross_entropy(logits, val_windows.labels)}
+        texts, margins, logits = answer(model, val_examples, val_windows, val_batches, args)
+        return score_answers(val_examples, val_windows, texts, margins, logits)[1]
 
     results = fine_tune(model, train_batches, args, loss=SpanLoss(), evaluate=evaluate,
                         monitor="val_f1",
@@ -142,11 +177,12 @@ def train(args):
     write_json(os.path.join(args.output_dir, "metrics.json"), results)
     klora.save_adapter(model, os.path.join(args.output_dir, "adapter"), metadata={
         "task": "qa", "base_model": args.preset, "max_length": args.max_length,
-        "doc_stride": args.doc_stride, "command": args.command_line,
+        "doc_stride": args.doc_stride, "command": args.command_line, "squad_v2": squad_v2,
+        **({"null_threshold": scores["null_threshold"]} if squad_v2 else {}),
         "metrics": {k: v for k, v in scores.items() if isinstance(v, float)},
         "validation": validation_record(args)})
-    print(f"validation exact match {scores['exact_match']:.2f}, F1 {scores['f1']:.2f} "
-          f"(best epoch {results['best_epoch']}); outputs in {args.output_dir}")
+    print(f"validation {describe(scores)} (best epoch {results['best_epoch']}); outputs in "
+          f"{args.output_dir}")
     return model, tokenizer, scores
 
 
@@ -178,11 +214,13 @@ def predict(args):
             context = f.read()
     if not context.strip() or not args.question.strip():
         raise ValueError("The question and the context must not be empty.")
-    model, tokenizer, _ = load_trained(args)
+    model, tokenizer, saved = load_trained(args)
     args.batch_size = 32
     example = QAExample("q", "", context, args.question.strip(), [])
     windows, batches = qa_batches([example], tokenizer, model.backbone, args, with_labels=False)
-    print(answer(model, [example], windows, batches, args)[0]["q"])
+    texts, margins, _ = answer(model, [example], windows, batches, args)
+    threshold = saved.get("null_threshold")
+    print("(no answer)" if threshold is not None and margins["q"] > threshold else texts["q"])
 
 
 def evaluate(args):
@@ -196,12 +234,11 @@ def evaluate(args):
     else:
         raise ValueError("The adapter does not record its validation set: pass --data.")
     windows, batches = qa_batches(examples, tokenizer, model.backbone, args)
-    answers, logits = answer(model, examples, windows, batches, args,
-                             progress=len(windows.sequences) > 1000)
-    scores = {**squad_scores(answers, {e.id: [t for t, _ in e.answers] for e in examples}),
-              "loss": span_cross_entropy(logits, windows.labels)}
-    print(f"{len(examples)} questions ({len(windows.sequences)} windows): exact match "
-          f"{scores['exact_match']:.2f}, F1 {scores['f1']:.2f}")
+    texts, margins, logits = answer(model, examples, windows, batches, args,
+                                    progress=len(windows.sequences) > 1000)
+    answers, scores = score_answers(examples, windows, texts, margins, logits,
+                                    saved.get("null_threshold", 0.0))
+    print(f"{len(examples)} questions ({len(windows.sequences)} windows): {describe(scores)}")
     predictions = os.path.splitext(args.output)[0] + "_predictions.json"
     write_json(predictions, {e.id: {"question": e.question, "answer": answers.get(e.id, ""),
                                     "references": [t for t, _ in e.answers]}

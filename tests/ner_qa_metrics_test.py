@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from klora.metrics import entities, entity_scores, exact_match, f1_score, normalize_answer, squad_scores
+from klora.metrics import (best_null_threshold, entities, entity_scores, exact_match, f1_score,
+                           normalize_answer, squad_scores, squad_v2_scores)
 
 
 @pytest.mark.parametrize("tags, expected", [
@@ -77,3 +78,48 @@ def test_exact_match_and_f1_by_hand():
                            "c": ["x"]})
     assert scores["exact_match"] == pytest.approx(200 / 3)
     assert scores["f1"] == pytest.approx(200 / 3)
+
+
+def test_squad_v2_scores_by_hand():
+    references = {"a": ["Eiffel Tower"], "b": ["Paris", "in Paris"], "n1": [], "n2": []}
+    predictions = {"a": "the tower", "b": "Paris", "n1": "", "n2": "Lyon"}
+    scores = squad_v2_scores(predictions, references)
+    # a: EM 0, F1 2 * (1/1 * 1/2) / 1.5 = 2/3; b: 1, 1; n1: 1, 1; n2: 0, 0.
+    assert scores["exact_match"] == pytest.approx(50.0)
+    assert scores["f1"] == pytest.approx(100 * (2 / 3 + 1 + 1 + 0) / 4)
+    assert scores["HasAns_exact_match"] == pytest.approx(50.0)
+    assert scores["HasAns_f1"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert scores["NoAns_exact_match"] == scores["NoAns_f1"] == pytest.approx(50.0)
+    assert (scores["total"], scores["HasAns_total"], scores["NoAns_total"]) == (4, 2, 2)
+    assert "NoAns_f1" not in squad_v2_scores({"a": "x"}, {"a": ["x"]})
+
+
+def official_best_f1_thresh(texts, margins, references):
+    """The official evaluate-v2.0.py `find_best_thresh`, F1 version, written out."""
+    f1 = {q: (f1_score(texts[q], references[q][0]) if references[q] else 0.0)
+          for q in references}
+    score = best = sum(1 for a in references.values() if not a)
+    threshold = None
+    for q in sorted(margins, key=margins.get):
+        score += f1[q] if references[q] else (-1 if texts[q] else 0)
+        if score > best:
+            best, threshold = score, margins[q]
+    return threshold, 100.0 * best / len(references)
+
+
+def test_best_null_threshold_matches_the_official_search():
+    rng = np.random.default_rng(0)
+    words = ["paris", "lyon", "the tower", "river", "old town"]
+    for _ in range(50):
+        n = int(rng.integers(2, 12))
+        references = {f"q{i}": ([] if rng.random() < 0.4 else [str(rng.choice(words))])
+                      for i in range(n)}
+        texts = {q: str(rng.choice(words)) for q in references}
+        margins = {q: float(rng.normal()) for q in references}
+        threshold, f1 = best_null_threshold(texts, margins, references)
+        expected_threshold, expected_f1 = official_best_f1_thresh(texts, margins, references)
+        assert f1 == pytest.approx(expected_f1)
+        if expected_threshold is not None:
+            assert threshold == expected_threshold
+        answers = {q: "" if margins[q] > threshold else t for q, t in texts.items()}
+        assert squad_v2_scores(answers, references)["f1"] == pytest.approx(f1)

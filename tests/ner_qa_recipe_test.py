@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+import klora
+
 from tests.conftest import TASK_DATA
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
@@ -185,3 +187,48 @@ def test_ner_and_qa_evaluate_and_export(task_preset, tmp_path, capsys):
     predictions = json.loads((tmp_path / "qa_predictions.json").read_text())
     assert len(predictions) == 3 and all("answer" in p for p in predictions.values())
     assert "per_type" in json.loads((tmp_path / "ner.json").read_text())
+
+
+def squad_v2_file(source, negatives, path):
+    """`source` as SQuAD 2.0: every question flagged, and each article gets two questions
+    of a different article of `negatives` as unanswerable ones (realistic negatives)."""
+    data = json.loads(open(source, encoding="utf-8").read())
+    others = json.loads(open(negatives, encoding="utf-8").read())["data"]
+    for a, article in enumerate(data["data"]):
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["is_impossible"] = False
+        other = next(o for o in others[a + 1:] + others if o["title"] != article["title"])
+        article["paragraphs"][0]["qas"] += [
+            {"id": f"{qa['id']}-none-{a}", "question": qa["question"], "answers": [],
+             "is_impossible": True} for qa in other["paragraphs"][0]["qas"][:2]]
+    data["version"] = "v2.0"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
+
+
+def test_qa_squad_v2_tunes_and_saves_a_null_threshold(task_preset, tmp_path, capsys):
+    qa = recipe("qa")
+    train = squad_v2_file(QA_TRAIN, QA_TRAIN, tmp_path / "train.json")
+    valid = squad_v2_file(QA_VALID, QA_TRAIN, tmp_path / "valid.json")
+    out = tmp_path / "run"
+    assert qa.main(["train", "--preset", task_preset, "--data", train, "--validation-data",
+                    valid, "--epochs", "2", "--batch-size", "64", "--max-length", "32",
+                    "--doc-stride", "8", "--rank", "2", "--output-dir", str(out)]) == 0
+    scores = json.loads((out / "metrics.json").read_text())["validation"]
+    assert scores["NoAns_total"] == 2 and scores["HasAns_total"] == 3 and scores["total"] == 5
+    for key in ("exact_match", "f1", "HasAns_f1", "NoAns_f1", "HasAns_exact_match"):
+        assert 0 <= scores[key] <= 100
+    # The overall F1 is the HasAns / NoAns mix, and the tuned threshold beats its extremes.
+    assert scores["f1"] == pytest.approx((3 * scores["HasAns_f1"] + 2 * scores["NoAns_f1"]) / 5)
+    assert scores["f1"] >= 40.0  # "always no answer" scores 2 of 5
+    metadata = klora.read_adapter_metadata(out / "adapter")
+    assert metadata["squad_v2"] and metadata["null_threshold"] == scores["null_threshold"]
+    assert qa.main(["evaluate", "--adapter", str(out / "adapter"), "--output",
+                    str(tmp_path / "v2.json")]) == 0
+    again = json.loads((tmp_path / "v2.json").read_text())
+    assert again["f1"] == scores["f1"] and again["NoAns_f1"] == scores["NoAns_f1"]
+    capsys.readouterr()
+    assert qa.main(["predict", "--adapter", str(out / "adapter"), "--question", "Who?",
+                    "--context", "Café Müller opened in Zürich in 1875."]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1]

@@ -6,8 +6,9 @@ import keras_hub
 import numpy as np
 import pytest
 
-from klora.data.squad import (QAExample, best_spans, decode_answers, load_qa_splits,
-                              make_windows, read_squad, split_by_article)
+from klora.data.squad import (QAExample, best_spans, decode_answers, is_squad_v2,
+                              load_qa_splits, make_windows, read_squad, span_answers,
+                              split_by_article)
 from klora.data.word_alignment import WordPieces
 from tests.conftest import TASK_DATA, task_vocabulary
 
@@ -35,8 +36,13 @@ def test_reads_the_sample():
 @pytest.mark.parametrize("qa, message", [
     ({"id": "x", "question": "Where?", "answers": [{"text": "Zurich", "answer_start": 14}]},
      r"question 'x': answer 'Zurich' does not occur at answer_start 14 \(the context has 'Zürich'"),
-    ({"id": "x", "question": "Where?", "answers": [], "is_impossible": True},
-     "SQuAD v2.0 unanswerable question"),
+    ({"id": "x", "question": "Where?", "answers": []}, r"has no answer\. SQuAD 1\.1 data"),
+    ({"id": "x", "question": "Where?", "answers": [], "is_impossible": False},
+     r"has no answer\. SQuAD 1\.1 data"),
+    ({"id": "x", "question": "Where?", "is_impossible": True,
+      "answers": [{"text": "Anna", "answer_start": 0}]}, "marked unanswerable .* has answers"),
+    ({"id": "x", "question": "Where?", "answers": [], "is_impossible": "yes"},
+     "'is_impossible' must be true or false"),
     ({"id": "x", "answers": [{"text": "Anna", "answer_start": 0}]}, "lacks an 'id' or a 'question'"),
     ({"id": "x", "question": "Who?", "answers": [{"text": "Anna"}]}, "integer 'answer_start'"),
 ])
@@ -138,3 +144,43 @@ def test_decode_picks_the_best_window_and_maps_back_to_text(pieces):
                 row[t, 1] = 5.0
         logits.append(row)
     assert decode_answers(examples, windows, logits) == {"q1": "Zürich"}
+
+
+def test_reads_squad_v2_and_labels_unanswerable_windows_null(tmp_path, pieces):
+    path = squad_file(tmp_path, [
+        {"id": "a", "question": "Where?", "is_impossible": False,
+         "answers": [{"text": "Zürich", "answer_start": 14}]},
+        {"id": "n", "question": "When?", "is_impossible": True, "answers": [],
+         "plausible_answers": [{"text": "Anna", "answer_start": 0}]}],
+        context="Anna lives in Zürich, near the lake.")
+    answerable, unanswerable = read_squad(path)
+    assert is_squad_v2([answerable, unanswerable]) and not is_squad_v2(
+        read_squad(f"{TASK_DATA}/squad_train.json"))
+    assert answerable.is_impossible is False and answerable.answers == [("Zürich", 14)]
+    assert unanswerable.is_impossible is True and unanswerable.answers == []
+    windows = make_windows([answerable, unanswerable], pieces, max_length=12, doc_stride=2)
+    labels = {e: [l for l, k in zip(windows.labels, windows.example) if k == e] for e in (0, 1)}
+    assert len(labels[1]) > 1 and all(l == [0, 0] for l in labels[1])
+    assert any(l != [0, 0] for l in labels[0])
+
+
+def test_null_margin_and_threshold(pieces):
+    context = "Anna lives in Zürich, near the lake."
+    examples = [QAExample("q", "t", context, "Where?", [])]
+    windows = make_windows(examples, pieces, max_length=12, doc_stride=3, with_labels=False)
+    target = context.index("Zürich")
+    logits = []
+    for k, offsets in enumerate(windows.offsets):
+        row = np.zeros((len(offsets), 2), "float32")
+        row[0] = [2.0 + k, 1.0]                  # null scores 3, 4, ...: the lowest counts
+        for t, o in enumerate(offsets):
+            if o is not None and o[0] == target:
+                row[t, 0] = 2.0
+            if o is not None and o[1] == target + len("Zürich"):
+                row[t, 1] = 2.5                  # the span scores 4.5
+        logits.append(row)
+    texts, margins = span_answers(examples, windows, logits)
+    assert texts == {"q": "Zürich"} and margins["q"] == pytest.approx(3.0 - 4.5)
+    assert decode_answers(examples, windows, logits, null_threshold=-2.0) == {"q": ""}
+    assert decode_answers(examples, windows, logits, null_threshold=-1.0) == {"q": "Zürich"}
+    assert decode_answers(examples, windows, logits) == {"q": "Zürich"}  # SQuAD 1.1: a span

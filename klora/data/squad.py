@@ -7,6 +7,13 @@ character spans map to token spans through each sub-token's character offsets
 (`WordPieces.offsets`); a window that does not contain the whole answer is
 labelled `[0, 0]` (the `[CLS]` token: "not in this window").
 
+SQuAD 2.0 data (questions with an `is_impossible` field) may hold unanswerable
+questions: every window of one is labelled `[0, 0]`. Decoding then weighs each
+question's best span against its null score (the `[CLS]` start + end logits, lowest
+over its windows): `null_margin = null score - best span score`, and the answer is
+empty when the margin is above a threshold tuned on validation data
+(`klora.metrics.best_null_threshold`).
+
 >>> examples = read_squad("dev-v1.1.json")
 >>> windows = make_windows(examples, WordPieces(tokenizer), max_length=384, doc_stride=128)
 >>> answers = decode_answers(examples, windows, logits, n_best=20, max_answer_length=30)
@@ -29,7 +36,13 @@ class QAExample:
     title: str
     context: str
     question: str
-    answers: list  # [(text, answer_start)]
+    answers: list  # [(text, answer_start)]; empty for an unanswerable question
+    is_impossible: object = None  # SQuAD 2.0's flag; None for SQuAD 1.1 data
+
+
+def is_squad_v2(examples):
+    """Whether `examples` come from SQuAD 2.0-style data (questions carry `is_impossible`)."""
+    return any(e.is_impossible is not None for e in examples)
 
 
 def _squad_articles(path):
@@ -46,11 +59,12 @@ def _squad_articles(path):
 
 
 def read_squad(path):
-    """Returns the `QAExample`s of a SQuAD v1.1-format JSON file.
+    """Returns the `QAExample`s of a SQuAD v1.1 or v2.0 JSON file.
 
     Raises a `ValueError` naming the file and question id for a missing field,
-    an answer whose text does not occur at its `answer_start`, and SQuAD v2.0
-    unanswerable questions (not supported: remove them from the file).
+    an answer whose text does not occur at its `answer_start`, a question without
+    answers in SQuAD 1.1 data, and a v2.0 question whose answers contradict its
+    `is_impossible`.
     """
     path, articles = _squad_articles(path)
     examples = []
@@ -66,10 +80,18 @@ def read_squad(path):
                 if qid is None or not isinstance(question, str) or not question.strip():
                     raise ValueError(f"{where} (article {title!r}) lacks an 'id' or a 'question'.")
                 answers = qa.get("answers") or []
-                if qa.get("is_impossible") or not answers:
+                impossible = qa.get("is_impossible")
+                if impossible is not None and not isinstance(impossible, bool):
+                    raise ValueError(f"{where}: 'is_impossible' must be true or false "
+                                     f"(got {impossible!r}).")
+                if impossible and answers:
+                    raise ValueError(f"{where} is marked unanswerable (is_impossible) but has "
+                                     "answers; SQuAD 2.0 keeps those in 'plausible_answers'.")
+                if not impossible and not answers:
                     raise ValueError(
-                        f"{where} has no answer (SQuAD v2.0 unanswerable question). Only "
-                        "answerable questions are supported: remove unanswerable ones.")
+                        f"{where} has no answer. SQuAD 1.1 data needs answers for every "
+                        "question; in SQuAD 2.0 data, mark unanswerable questions with "
+                        '"is_impossible": true.')
                 pairs = []
                 for answer in answers:
                     text, start = answer.get("text"), answer.get("answer_start")
@@ -81,7 +103,8 @@ def read_squad(path):
                             f"{where}: answer {text!r} does not occur at answer_start {start} "
                             f"(the context has {context[start:start + len(text)]!r} there).")
                     pairs.append((text, start))
-                examples.append(QAExample(str(qid), title, context, question.strip(), pairs))
+                examples.append(QAExample(str(qid), title, context, question.strip(), pairs,
+                                          impossible))
     if not examples:
         raise ValueError(f"{path}: no questions.")
     return examples
@@ -99,7 +122,7 @@ def split_by_article(examples, fraction, seed=0):
 
 
 def load_tfds_squad(name, split, data_dir=None):
-    """`QAExample`s of a tfds SQuAD split (`squad`, `squad/v1.1`)."""
+    """`QAExample`s of a tfds SQuAD split (`squad`, `squad/v1.1`, `squad/v2.0`)."""
     builder = prepared_builder(name, split, data_dir,
                                "a local SQuAD JSON file (--data train.json)")
     import tensorflow_datasets as tfds
@@ -108,8 +131,10 @@ def load_tfds_squad(name, split, data_dir=None):
     for x in tfds.as_numpy(builder.as_dataset(split=split)):
         texts = [t.decode("utf-8") for t in x["answers"]["text"]]
         answers = list(zip(texts, [int(s) for s in x["answers"]["answer_start"]]))
+        impossible = bool(x["is_impossible"]) if "is_impossible" in x else None
         examples.append(QAExample(x["id"].decode(), x["title"].decode(), x["context"].decode(),
-                                  x["question"].decode(), answers))
+                                  x["question"].decode(), [] if impossible else answers,
+                                  impossible))
     return examples
 
 
@@ -215,23 +240,40 @@ def best_spans(logits, offsets, n_best=20, max_answer_length=30):
     return sorted(spans, reverse=True)
 
 
-def decode_answers(examples, windows, logits, n_best=20, max_answer_length=30):
-    """The best answer text of each example over all its windows: `{id: text}`."""
-    best = {}
+def span_answers(examples, windows, logits, n_best=20, max_answer_length=30):
+    """`({id: best span text}, {id: null margin})` over each example's windows.
+
+    The null margin is the lowest `[CLS]` start + end score over the windows minus
+    the best span's score (infinite when no window has a span).
+    """
+    best, null = {}, {}
     for k, window_logits in enumerate(logits):
-        spans = best_spans(window_logits, windows.offsets[k], n_best, max_answer_length)
         e = windows.example[k]
+        window_logits = np.asarray(window_logits, "float32")
+        null[e] = min(null.get(e, np.inf), float(window_logits[0, 0] + window_logits[0, 1]))
+        spans = best_spans(window_logits, windows.offsets[k], n_best, max_answer_length)
         if spans and (e not in best or spans[0][0] > best[e][0]):
             score, i, j = spans[0]
             best[e] = (score, windows.offsets[k][i][0], windows.offsets[k][j][1])
-    answers = {}
+    texts, margins = {}, {}
     for e, example in enumerate(examples):
-        if e in best:
-            _, start, end = best[e]
-            answers[example.id] = example.context[start:end]
-        else:
-            answers[example.id] = ""
-    return answers
+        score, start, end = best.get(e, (-np.inf, 0, 0))
+        texts[example.id] = example.context[start:end]
+        margins[example.id] = float(null.get(e, np.inf) - score)
+    return texts, margins
+
+
+def decode_answers(examples, windows, logits, n_best=20, max_answer_length=30,
+                   null_threshold=None):
+    """The answer of each example over all its windows: `{id: text}`.
+
+    With `null_threshold` (SQuAD 2.0), the answer is empty where the null margin
+    exceeds it; without, it is always the best span (SQuAD 1.1).
+    """
+    texts, margins = span_answers(examples, windows, logits, n_best, max_answer_length)
+    if null_threshold is None:
+        return texts
+    return {q: "" if margins[q] > null_threshold else text for q, text in texts.items()}
 
 
 def load_qa_splits(data, validation_data=None, validation_fraction=0.1, seed=0):

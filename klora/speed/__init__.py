@@ -7,9 +7,11 @@ under tcmalloc.
 - `fast_layers`: swapping a model's Keras layers for those two and back;
 - `remat`: `enable_remat` / `disable_remat`;
 - `compile_cache`: `enable_compile_cache` (JAX's persistent cache) and `CompileTime`;
+- `allocator`: `keep_freed_memory`, glibc reusing freed blocks in a running process;
 - `tcmalloc`: relaunching a script under tcmalloc.
 """
 
+from klora.speed.allocator import keep_freed_memory
 from klora.speed.compile_cache import CompileTime, enable_compile_cache
 from klora.speed.fast_attention import FastMultiHeadAttention
 from klora.speed.fast_dropout import FastDropout

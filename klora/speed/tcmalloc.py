@@ -7,10 +7,10 @@ when the step ends. glibc's malloc serves a block that large with a fresh
 zero-fills ~440,000 pages again: on this project's 2-core CPU that was a
 quarter of the step's CPU time. tcmalloc keeps freed blocks for reuse (the
 same step then takes no page faults, and resident memory stays flat), which is
-why TensorFlow and PyTorch recommend it for CPU training. glibc cannot be told
-to do the same from inside a process: its other arenas always `mmap` large
-blocks, and heap-only settings (`M_MMAP_MAX=0`) fragment, growing resident
-memory by a whole step's buffers now and then. tcmalloc can do that too: when
+why TensorFlow and PyTorch recommend it for CPU training. Inside a running
+process, `klora.speed.keep_freed_memory()` gets glibc to reuse the block (one
+arena, no `mmap`, freed memory kept), at a cost in resident memory: the heap
+fragments and keeps a second step's worth of buffers. tcmalloc can do that too: when
 something else was placed in the freed block before the next step asks for it,
 the process keeps a second block from then on (seen in some processes at batch
 32 x 384: peak RSS 17 instead of 9.3 GiB; `bench/results/remat.md`).
