@@ -28,6 +28,8 @@ import json
 import os
 import sys
 
+os.environ.setdefault("KERAS_BACKEND", "jax")  # the recipes train on JAX unless told otherwise
+
 import numpy as np
 
 import klora

@@ -35,6 +35,8 @@ import argparse
 import os
 import sys
 
+os.environ.setdefault("KERAS_BACKEND", "jax")  # the recipes train on JAX unless told otherwise
+
 import klora
 from klora.atomic import write_json
 from klora.data import TokenBatches

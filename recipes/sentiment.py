@@ -21,6 +21,8 @@ import argparse
 import os
 import sys
 
+os.environ.setdefault("KERAS_BACKEND", "jax")  # the recipes train on JAX unless told otherwise
+
 import keras
 
 import klora

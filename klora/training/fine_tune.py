@@ -106,6 +106,7 @@ def fine_tune(model, train_batches, args, loss, evaluate, metrics=(), monitor="v
                "epochs_run": len(training.history.get("loss", [])),
                "train_seconds_this_run": round(time.time() - start, 1),
                "compile_seconds_this_run": round(compiling.seconds, 1),
+               "backend": keras.backend.backend(),
                **{k: v[best] for k, v in training.history.items()
                   if best is not None and k != "steps"}}
     if is_primary_process():
