@@ -27,11 +27,16 @@ time, and writes every run to --json.
 
     python bench/accuracy.py --task sst2 --methods lora,peft-qv8 --seeds 0,1,2
     python bench/accuracy.py --task conll --methods lora,dora,int8,pissa,loraplus
+
+`--train-fraction F` trains every method on the same seeded fraction F of the training
+rows (LoRA+ 0.6 on 0.6 of those), and `--recipe-flags "--epochs 1"` adds flags to every
+klora run: a reduced budget for comparing methods with each other, stated with the results.
 """
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -80,7 +85,7 @@ def subset(path, fraction, seed, work):
     return out
 
 
-def klora_run(task, method, seed, files, work):
+def klora_run(task, method, seed, files, work, flags=()):
     recipe = {"sst2": "sentiment", "conll": "ner"}[task]
     train, valid = files
     if method.endswith("-0.6"):
@@ -88,7 +93,7 @@ def klora_run(task, method, seed, files, work):
     out = os.path.join(work, f"{task}-{method}-{seed}")
     command = [sys.executable, os.path.join(ROOT, "recipes", f"{recipe}.py"), "train",
                "--preset", "minilm", "--data", train, "--validation-data", valid,
-               "--seed", str(seed), "--output-dir", out, *KLORA_METHODS[method]]
+               "--seed", str(seed), "--output-dir", out, *KLORA_METHODS[method], *flags]
     if task == "sst2":
         command += ["--text-column", "sentence", "--label-column", "label"]
     start = time.time()
@@ -202,7 +207,7 @@ PEFT_SETTINGS = {
 }
 
 
-def run(task, method, seed, files, work):
+def run(task, method, seed, files, work, flags=()):
     if method in PEFT_METHODS:
         out = os.path.join(work, f"peft-{task}-{method}-{seed}.json")
         command = [sys.executable, os.path.abspath(__file__), "--peft-run", task, method,
@@ -213,7 +218,7 @@ def run(task, method, seed, files, work):
             raise RuntimeError(f"PEFT run failed:\n{process.stderr[-3000:]}")
         with open(out) as f:
             return {**json.load(f), "wall_s": time.time() - start}
-    return klora_run(task, method, seed, files, work)
+    return klora_run(task, method, seed, files, work, flags)
 
 
 def main():
@@ -223,6 +228,8 @@ def main():
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work", default=None, help="default: a temporary folder")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--train-fraction", type=float, default=1.0)
+    parser.add_argument("--recipe-flags", default="", help='e.g. "--epochs 1"')
     parser.add_argument("--peft-run", nargs=5, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,11 +247,16 @@ def main():
     else:
         files = (os.path.join(DATA, "conll2003", "train.txt"),
                  os.path.join(DATA, "conll2003", "valid.txt"))
+    if args.train_fraction < 1:
+        files = (subset(files[0], args.train_fraction, 1234, work), files[1])
+        print(f"training on a seeded {args.train_fraction:.0%} of the rows; "
+              f"klora flags: {args.recipe_flags or 'none'}")
     results = []
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
             result = {"task": args.task, "method": method, "seed": seed,
-                      **run(args.task, method, seed, files, work)}
+                      **run(args.task, method, seed, files, work,
+                                  shlex.split(args.recipe_flags))}
             results.append(result)
             print(f"{args.task} {method} seed {seed}: {result['score']:.2f} "
                   f"(train {result['train_s'] / 60:.1f} min)", flush=True)

@@ -252,10 +252,14 @@ BAD_INPUTS = {
                                 r"missing key \S+query.lora_magnitude_vector"),
     "lora_bias": (lambda d: edit_config(d, lora_bias=True), "does not implement"),
     "unconverted_pissa": (lambda d: edit_config(d, init_lora_weights="pissa_niter_4"),
-                          "changes the base weights"),
+                          "change the base"),
     "unconverted_olora": (lambda d: edit_config(d, init_lora_weights="olora"),
-                          "changes the base weights"),
-    "loftq": (lambda d: edit_config(d, init_lora_weights="loftq"), "changes the base weights"),
+                          "change the base"),
+    "loftq": (lambda d: edit_config(d, init_lora_weights="loftq"), "change the base"),
+    "astra": (lambda d: edit_config(d, init_lora_weights="astra"), "change the base"),
+    "mica": (lambda d: edit_config(d, init_lora_weights="mica"), "trains only A"),
+    "unknown_config_object": (lambda d: edit_config(d, future_config={"k": 1}),
+                              "Unknown field"),
     "rank_mismatch": (lambda d: edit_tensors(d, lambda t: t) or edit_config(d, r=3),
                       "rank mismatch"),
     "other_config": (lambda d: edit_config(d, lora_alpha=7), "different saves"),
@@ -282,6 +286,23 @@ def test_bad_adapter_files_raise_and_leave_model_untouched(case, saved):
     with pytest.raises(ValueError, match=message):
         klora.load_adapter(model, target)
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(future_config=None, future_flag=False, future_list=[]),  # a newer PEFT, features off
+    dict(init_lora_weights="nora"),  # an init that leaves the base weights alone
+    dict(astra_config=None, corda_config={"cache_file": None}),
+])
+def test_fields_that_change_nothing_load(changes, saved):
+    directory, weights = saved
+    reference = fresh("bert", weights)
+    klora.load_adapter(reference, directory)
+    edit_tensors(directory, lambda t: t)  # as a PEFT-made file: no config hash
+    edit_config(directory, **changes)
+    model = fresh("bert", weights)
+    klora.load_adapter(model, directory)
+    x = token_inputs(model)
+    np.testing.assert_array_equal(outputs(model, x), outputs(reference, x))
 
 
 def test_other_architecture_or_width_rejected(saved, tmp_path):

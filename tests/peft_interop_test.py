@@ -56,6 +56,9 @@ HF = {
     "distil_bert": (lambda: transformers.DistilBertModel,
                     lambda: transformers.DistilBertForSequenceClassification),
 }
+# The trained head as PEFT users declare it (task_type="SEQ_CLS" adds the same): DistilBERT's
+# `pre_classifier` is no pretrained weight, so it is trained and saved with the classifier.
+HEADS = {"bert": ["classifier"], "distil_bert": ["pre_classifier", "classifier"]}
 TARGETS = {  # one query/value adapter, one on every linear layer
     "qv": (("query", "value"), {"bert": ["query", "value"], "distil_bert": ["q_lin", "v_lin"]}),
     "all": ("all-linear", {"bert": ["query", "key", "value", "dense"],
@@ -131,7 +134,7 @@ def peft_to_klora(arch, directory, adapter_dir, task, targets, rank=2, alpha=4,
     torch.manual_seed(3)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                              init_lora_weights=False, rank_pattern=rank_pattern or {},
-                             modules_to_save=["classifier"] if task else None, **settings)
+                             modules_to_save=HEADS[arch] if task else None, **settings)
     peft_model = peft.get_peft_model(hf_model(arch, directory, task), config).eval()
     if task:
         with torch.no_grad():
@@ -210,7 +213,7 @@ def test_dora_training_step_matches_peft(arch, hf_dirs, tmp_path):
     torch.manual_seed(4)
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["qv"][1][arch],
                              init_lora_weights=False, use_dora=True,
-                             modules_to_save=["classifier"])
+                             modules_to_save=HEADS[arch])
     peft_model = peft.get_peft_model(hf_model(arch, directory, True), config)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     model = keras_model(arch, directory, True, dropout=0.0)
@@ -265,7 +268,7 @@ def test_peft_converted_pissa_adapter_loads_in_klora(hf_dirs, tmp_path):
     initial = peft.get_peft_model(hf_model("bert", directory, False), config)
     initial.save_pretrained(str(tmp_path / "initial"))
     unconverted = keras_model("bert", directory, False)
-    with pytest.raises(ValueError, match="changes the base weights"):
+    with pytest.raises(ValueError, match="change the base weights"):
         klora.load_adapter(unconverted, tmp_path / "initial")  # for the residual base only
     with torch.no_grad():
         for name, p in initial.named_parameters():

@@ -1,8 +1,10 @@
 """`adapter_config.json`: PEFT's `LoraConfig` as klora writes it and reads it.
 
-Reading is strict: a field klora does not know, or a PEFT feature it does not
-implement switched on, is refused with a `ValueError` rather than loaded with
-different outputs. `rank_pattern` / `alpha_pattern` keys are regular
+Reading is strict: a PEFT feature klora does not implement switched on, or a
+field klora does not know holding a value, is refused with a `ValueError`
+rather than loaded with different outputs. A field from a newer PEFT that is
+off (`null`, `false`, empty) is accepted: PEFT adds each feature as a new field
+that defaults to off. `rank_pattern` / `alpha_pattern` keys are regular
 expressions matched as PEFT matches them (`(.*\\.)?(key)$`), each match bounded
 in time, so a pathological pattern cannot hang a load.
 
@@ -19,11 +21,11 @@ import regex
 from klora.config import LoraConfig
 
 PATTERN_SECONDS = 0.1
-# PEFT `LoraConfig` fields (up to peft 0.21) that do not change what a loaded
+# PEFT `LoraConfig` fields (up to peft 0.22) that do not change what a loaded
 # plain LoRA adapter computes: any value is accepted (`init_lora_weights` is
 # checked below).
 FREE_FIELDS = {
-    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "corda_config",
+    "alpha_pattern", "astra_config", "auto_mapping", "base_model_name_or_path", "corda_config",
     "ensure_weight_tying", "eva_config", "exclude_modules", "inference_mode",
     "init_lora_weights", "layers_pattern", "layers_to_transform", "loftq_config",
     "lora_alpha", "lora_dropout", "lora_ga_config", "megatron_core", "modules_to_save",
@@ -39,9 +41,10 @@ OFF_FIELDS = {
     "use_qalora": False, "velora_config": None,
 }
 # `init_lora_weights` values that leave the base weights as they were: the
-# adapter applies to the original model. PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA
-# and MiCA change the base weights or the forward pass.
-BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# adapter applies to the original model. PiSSA, OLoRA, CorDA, ASTRA, LoftQ and
+# LoRA-GA change the base weights; MiCA trains only A (a PEFT variant).
+BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora")
+OFF_VALUES = (None, False, {}, [])
 
 
 def _most_common(values):
@@ -123,22 +126,25 @@ def read_config(filename):
     config = _load_json(raw, filename)
     if not isinstance(config, dict):
         raise ValueError(f"'{filename}' must hold a JSON object.")
-    unknown = sorted(set(config) - FREE_FIELDS - set(OFF_FIELDS))
+    unknown = {k: config[k] for k in sorted(set(config) - FREE_FIELDS - set(OFF_FIELDS))
+               if config[k] not in OFF_VALUES}
     if unknown:
-        raise ValueError(f"Unknown field(s) {unknown} in '{filename}': klora reads PEFT LoRA "
-                         "configs (peft <= 0.21) and will not guess what they mean.")
+        raise ValueError(f"Unknown field(s) switched on in '{filename}': {unknown}. klora reads "
+                         "PEFT LoRA configs (peft <= 0.22) and will not guess what they mean.")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"'{filename}' is a {config['peft_type']!r} adapter; klora loads LORA.")
     on = {k: config[k] for k, off in OFF_FIELDS.items()
-          if k in config and config[k] not in (off, None, False, {}, [])}
+          if k in config and config[k] != off and config[k] not in OFF_VALUES}
     if on:
         raise ValueError(f"'{filename}' uses PEFT features klora does not implement: {on}.")
     init = config.get("init_lora_weights", True)
     if not any(init is v if isinstance(v, bool) else init == v for v in BASE_KEEPING_INITS):
-        raise ValueError(f"'{filename}' has init_lora_weights={init!r}, an initialization that "
-                         "changes the base weights: such an adapter only applies to the base "
-                         "model it was trained on. Convert it to a plain LoRA adapter in PEFT "
-                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)).")
+        raise ValueError(f"'{filename}' has init_lora_weights={init!r}, which klora does not "
+                         "load: PiSSA, OLoRA, CorDA, ASTRA, LoftQ and LoRA-GA change the base "
+                         "weights, so such an adapter only applies to the base model it was "
+                         "trained on (convert it to a plain LoRA adapter in PEFT with "
+                         "save_pretrained(..., path_initial_model_for_weight_conversion=...)); "
+                         "MiCA is a PEFT variant that trains only A.")
     for field in ("r", "lora_alpha"):
         if field not in config:
             raise ValueError(f"'{filename}' lacks the field '{field}'.")
