@@ -252,11 +252,11 @@ def main():
         print(f"training on a seeded {args.train_fraction:.0%} of the rows; "
               f"klora flags: {args.recipe_flags or 'none'}")
     results = []
-    for method in args.methods.split(","):
-        for seed in map(int, args.seeds.split(",")):
+    for seed in map(int, args.seeds.split(",")):  # every method once before the next seed
+        for method in args.methods.split(","):
             result = {"task": args.task, "method": method, "seed": seed,
                       **run(args.task, method, seed, files, work,
-                                  shlex.split(args.recipe_flags))}
+                                 shlex.split(args.recipe_flags))}
             results.append(result)
             print(f"{args.task} {method} seed {seed}: {result['score']:.2f} "
                   f"(train {result['train_s'] / 60:.1f} min)", flush=True)
@@ -268,6 +268,8 @@ def main():
     for method in args.methods.split(","):
         rows = [r for r in results if r["method"] == method]
         scores = [r["score"] for r in rows]
+        if not rows:
+            continue
         print(f"| {method} | {statistics.mean(scores):.2f} ({min(scores):.2f}-"
               f"{max(scores):.2f}) | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
 
