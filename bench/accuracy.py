@@ -251,12 +251,12 @@ def main():
         files = (subset(files[0], args.train_fraction, 1234, work), files[1])
         print(f"training on a seeded {args.train_fraction:.0%} of the rows; "
               f"klora flags: {args.recipe_flags or 'none'}")
+    flags = shlex.split(args.recipe_flags)
     results = []
     for seed in map(int, args.seeds.split(",")):  # every method once before the next seed
         for method in args.methods.split(","):
             result = {"task": args.task, "method": method, "seed": seed,
-                      **run(args.task, method, seed, files, work,
-                                 shlex.split(args.recipe_flags))}
+                      **run(args.task, method, seed, files, work, flags)}
             results.append(result)
             print(f"{args.task} {method} seed {seed}: {result['score']:.2f} "
                   f"(train {result['train_s'] / 60:.1f} min)", flush=True)
@@ -267,9 +267,9 @@ def main():
     print("|---|---|---|")
     for method in args.methods.split(","):
         rows = [r for r in results if r["method"] == method]
-        scores = [r["score"] for r in rows]
         if not rows:
             continue
+        scores = [r["score"] for r in rows]
         print(f"| {method} | {statistics.mean(scores):.2f} ({min(scores):.2f}-"
               f"{max(scores):.2f}) | {statistics.mean(r['train_s'] for r in rows) / 60:.1f} min |")
 
