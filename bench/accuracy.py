@@ -16,6 +16,9 @@ unless the method changes them), or PEFT + transformers `Trainer` runs:
   `--loraplus-ratio 16`; `loraplus-0.6`: LoRA+ on a seeded 60% of the training rows
   (0.6x the steps, its schedule over those steps);
 - `klora-qv8`: query/value r=8, alpha 16, lr 5e-4, 1 epoch (the reviewer's PEFT setting);
+- `trainer-optimizer`: the recipe with `Trainer`'s optimization (linear decay, no weight
+  decay, gradient clipping at 1.0); `random-batches`: with freely shuffled batches
+  (`--batching random`) instead of batches grouped by length; `trainer-like`: both;
 - `peft-qv8`: PEFT LoRA query/value r=8, alpha 16, dropout 0.1, lr 5e-4, 1 epoch, linear
   warm-up (10%) and decay, no weight decay, gradient clipping at 1.0, dynamic padding,
   MiniLM's own config (exact GELU), batch 32, `Trainer` defaults otherwise;
@@ -47,12 +50,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DATA = os.environ.get("KLORA_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
+TRAINER_OPTIMIZER = ["--schedule", "linear", "--weight-decay", "0", "--clip-norm", "1"]
 KLORA_METHODS = {
     "lora": [], "dora": ["--use-dora"], "int8": ["--quantize", "int8"],
     "int4": ["--quantize", "int4"], "pissa": ["--init", "pissa"], "olora": ["--init", "olora"],
     "loraplus": ["--loraplus-ratio", "16"], "loraplus-0.6": ["--loraplus-ratio", "16"],
     "klora-qv8": ["--targets", "query,value", "--rank", "8", "--alpha", "16",
                   "--learning-rate", "5e-4", "--epochs", "1"],
+    "trainer-optimizer": TRAINER_OPTIMIZER, "random-batches": ["--batching", "random"],
+    "trainer-like": [*TRAINER_OPTIMIZER, "--batching", "random"],
 }
 PEFT_METHODS = ("peft-qv8", "peft-recipe", "peft-full")
 
@@ -133,9 +139,11 @@ def peft_run(task, method, seed, files, work):
         val_texts, val_labels = read_labelled_text(valid_file, "sentence", "label")
         model = transformers.AutoModelForSequenceClassification.from_pretrained(path,
                                                                                 num_labels=2)
-        encode = lambda t, y: [{**{k: v[i] for k, v in tokenizer(
-            t, truncation=True, max_length=128).items()}, "labels": int(y[i])}
-            for i in range(len(t))]
+        def encode(texts, labels):  # tokenized once, then one dict per example
+            encoded = tokenizer(texts, truncation=True, max_length=128)
+            return [{**{k: v[i] for k, v in encoded.items()}, "labels": int(labels[i])}
+                    for i in range(len(texts))]
+
         train_set, val_set = encode(texts, labels), encode(val_texts, val_labels)
         collator = transformers.DataCollatorWithPadding(tokenizer)
         task_type = "SEQ_CLS"
@@ -167,11 +175,14 @@ def peft_run(task, method, seed, files, work):
         model = peft.get_peft_model(model, peft.LoraConfig(
             task_type=task_type, r=settings["r"], lora_alpha=settings["alpha"],
             lora_dropout=0.1, target_modules=settings["targets"]))
+    # 10% warm-up: `warmup_ratio` until transformers 5, a fractional `warmup_steps` since.
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    warmup = {"warmup_ratio": 0.1} if "warmup_ratio" in fields else {"warmup_steps": 0.1}
     arguments = transformers.TrainingArguments(
         output_dir=os.path.join(work, f"peft-{task}-{method}-{seed}"),
         per_device_train_batch_size=32, per_device_eval_batch_size=64,
         num_train_epochs=settings["epochs"], learning_rate=settings["lr"], weight_decay=0.0,
-        lr_scheduler_type="linear", warmup_ratio=0.1, max_grad_norm=1.0, use_cpu=True,
+        lr_scheduler_type="linear", max_grad_norm=1.0, use_cpu=True, **warmup,
         report_to="none", eval_strategy="no", save_strategy="no", seed=seed,
         dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=arguments, train_dataset=train_set,

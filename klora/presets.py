@@ -7,6 +7,7 @@ network) or a local folder in keras-hub layout or Hugging Face layout
 >>> classifier, tokenizer = load_text_classifier("./all-MiniLM-L6-v2", num_classes=2)
 """
 
+import json
 import os
 
 
@@ -43,11 +44,33 @@ def _load(loader, preset):
         raise ValueError(_offline_hint(preset)) from None
 
 
+def strips_accents(preset):
+    """Whether an uncased tokenizer of `preset` should strip accents, as BERT's does.
+
+    BERT's uncased tokenizers lower-case and strip accents ("clichés" -> "cliches");
+    transformers does so unless `tokenizer_config.json` sets `strip_accents: false`.
+    keras-hub's converters keep only the lower-casing, which turns accented words into
+    other sub-tokens than the model was trained on (0.6% of SST-2's rows for MiniLM).
+    """
+    path = os.path.join(preset, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return True
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("strip_accents") is not False
+
+
 def load_tokenizer(preset):
+    """The preset's keras-hub tokenizer; an uncased WordPiece one strips accents too
+    (see `strips_accents`)."""
     import keras_hub
 
     preset = resolve_preset(preset)
-    return _load(lambda: keras_hub.tokenizers.Tokenizer.from_preset(preset), preset)
+    tokenizer = _load(lambda: keras_hub.tokenizers.Tokenizer.from_preset(preset), preset)
+    if (getattr(tokenizer, "lowercase", False) and not getattr(tokenizer, "strip_accents", True)
+            and strips_accents(preset)):
+        tokenizer = _load(lambda: keras_hub.tokenizers.Tokenizer.from_preset(
+            preset, strip_accents=True), preset)
+    return tokenizer
 
 
 def load_text_classifier(preset, num_classes, **kwargs):

@@ -114,9 +114,11 @@ def test_predict_with_a_peft_made_adapter_names_the_missing_flags(tiny_preset, t
     assert capsys.readouterr().out.strip().splitlines()[-1].split("\t")[0] in ("neg", "pos")
 
 
-def test_resume_after_interruption(tiny_bert_preset, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("optimization", [
+    [], ["--schedule", "linear", "--weight-decay", "0", "--clip-norm", "1", "--batching", "random"]])
+def test_resume_after_interruption(tiny_bert_preset, tmp_path, monkeypatch, capsys, optimization):
     sentiment = recipe()
-    args = train_args(tiny_bert_preset, tmp_path, "--patience", "10")
+    args = train_args(tiny_bert_preset, tmp_path, "--patience", "10", *optimization)
     args[args.index("--epochs") + 1] = "4"
     original = ResumableTraining.on_epoch_end
 
@@ -164,6 +166,8 @@ def test_killed_process_resumes(tiny_bert_preset, tmp_path):
     (["--max-length", "100"], "exceeds the model's limit of 64"),
     (["--rank", "0"], "--rank must be >= 1"),
     (["--dropout", "1.5"], "--dropout"),
+    (["--clip-norm", "0", "--weight-decay", "-1"],
+     "--weight-decay must be >= 0 .*--clip-norm must be > 0"),
     (["--text-column", "sentence"], r"missing column\(s\) \['sentence'\]; the file has \['text', 'label'\]"),
 ])
 def test_bad_arguments_fail_before_training(tiny_bert_preset, tmp_path, capsys, extra, message):

@@ -70,3 +70,21 @@ def test_dataset_cardinality():
     batches = TokenBatches(TEXTS, [0, 1, 0, 1, 0, 1], tokenizer(), 16, 4)
     dataset = batches.dataset(shuffle=True)
     assert int(dataset.cardinality()) == len(batches) == len(list(dataset))
+
+
+def test_random_lengths_mix_buckets_and_cover_every_example():
+    texts = [" ".join(["very"] * n) for n in range(1, 60)]
+    grouped = TokenBatches(texts, list(range(59)), tokenizer(), max_length=64, batch_size=8)
+    mixed = grouped.random_lengths()
+    assert grouped.by_length  # the copy leaves the original grouped
+    batches = list(mixed.batches(shuffle=True, seed=3))
+    assert len(batches) == len(mixed) == 8  # ceil(59 / 8): no partial batch per bucket
+    assert sorted(v for _, y in batches for v in y.tolist()) == list(range(59))
+    for x, _ in batches:  # each padded to the bucket of its longest text
+        longest = x["padding_mask"].sum(1).max()
+        assert x["token_ids"].shape[1] == min(b for b in mixed.buckets if b >= longest)
+    spans = [np.ptp(x["padding_mask"].sum(1)) for x, _ in batches]
+    assert max(spans) > 16  # lengths from different buckets share a batch
+    assert int(mixed.dataset(shuffle=True).cardinality()) == len(list(mixed.dataset(shuffle=True)))
+    sharded = mixed.shard(0, 2, drop_remainder=True)
+    assert len(sharded) == 7 and sharded.examples_per_epoch() == 56

@@ -3,7 +3,9 @@
 Sentences are tokenized once. Each epoch they are shuffled and grouped by
 length into a few bucket lengths (16, 32, 64, ... up to `max_length`), so a
 batch is padded to its bucket, not to `max_length`, and XLA compiles a handful
-of shapes instead of one per batch.
+of shapes instead of one per batch. `random_lengths()` gives freely shuffled
+batches instead (as transformers' `Trainer` draws them), each padded to the
+bucket of its longest text: the same shapes, more padding.
 
 >>> batches = TokenBatches(texts, labels, tokenizer, max_length=128, batch_size=32)
 >>> model.fit(batches.dataset(shuffle=True, seed=0), epochs=3)
@@ -99,6 +101,7 @@ class TokenBatches:
         lengths = np.array([len(s) for s in self.sequences])
         self.bucket_of = np.searchsorted(self.buckets, lengths)
         self.shard_index, self.shard_count, self.drop_remainder = 0, 1, False
+        self.by_length = True
 
     def shard(self, index, count, drop_remainder=False):
         """A copy yielding only this shard's block of rows of every (global) batch.
@@ -124,8 +127,18 @@ class TokenBatches:
         sharded.drop_remainder = drop_remainder
         return sharded
 
+    def random_lengths(self):
+        """A copy whose shuffled batches mix lengths, each padded to the bucket of its
+        longest text (`predict` still groups by length)."""
+        mixed = copy.copy(self)
+        mixed.by_length = False
+        return mixed
+
     def __len__(self):
         """Batches per epoch (independent of the shuffle)."""
+        if not self.by_length:
+            whole, partial = divmod(len(self.sequences), self.batch_size)
+            return whole + (bool(partial) and not self.drop_remainder)
         counts = np.bincount(self.bucket_of, minlength=len(self.buckets))
         leftover = int(np.sum(counts % self.batch_size))
         if self.drop_remainder:
@@ -136,7 +149,8 @@ class TokenBatches:
         """How many examples one epoch yields (all, unless partial batches are dropped)."""
         if not self.drop_remainder:
             return len(self.sequences)
-        return sum(len(i) for i, _ in self.index_batches() if len(i) == self.batch_size)
+        return sum(len(i) for i, _ in self.index_batches(by_length=self.by_length)
+                   if len(i) == self.batch_size)
 
     def _batch(self, indices, length):
         ids = np.full((len(indices), length), self.pad_id, "int32")
@@ -159,10 +173,16 @@ class TokenBatches:
             return x
         return x, (labels if self.token_labels else self.labels[indices])
 
-    def index_batches(self, shuffle=False, seed=0):
-        """Yields `(indices, length)` of each batch of one epoch, grouped by bucket."""
+    def index_batches(self, shuffle=False, seed=0, by_length=True):
+        """Yields `(indices, length)` of each batch of one epoch, grouped by bucket
+        (or, without `by_length`, in the shuffled order)."""
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.sequences)) if shuffle else np.arange(len(self.sequences))
+        if not by_length:
+            for start in range(0, len(order), self.batch_size):
+                chunk = [int(i) for i in order[start:start + self.batch_size]]
+                yield chunk, self.buckets[max(self.bucket_of[i] for i in chunk)]
+            return
         pending = [[] for _ in self.buckets]
         for i in order:
             bucket = pending[self.bucket_of[i]]
@@ -178,7 +198,7 @@ class TokenBatches:
     def batches(self, shuffle=False, seed=0):
         """Yields the batches of one epoch, in bucket-grouped (shuffled) order."""
         rows = self.batch_size // self.shard_count
-        for indices, length in self.index_batches(shuffle, seed):
+        for indices, length in self.index_batches(shuffle, seed, self.by_length):
             if self.drop_remainder and len(indices) < self.batch_size:
                 continue
             if self.shard_count > 1:

@@ -52,6 +52,14 @@ def add_training_arguments(parser, **defaults):
     add("--loraplus-ratio", type=float, default=values.get("loraplus_ratio"),
         help="LoRA+: the B matrices learn this many times faster than the rest")
     add("--learning-rate", type=float, default=values["learning_rate"])
+    add("--schedule", choices=("cosine", "linear"), default="cosine",
+        help="decay after the 10%% warm-up (transformers' Trainer: linear)")
+    add("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
+    add("--clip-norm", type=float, default=None,
+        help="clip the gradients' global norm (transformers' Trainer: 1.0; default: off)")
+    add("--batching", choices=("by-length", "random"), default="by-length",
+        help="by-length: each batch holds texts of one length bucket (least padding); "
+             "random: freely shuffled batches padded to their longest text's bucket")
     add("--batch-size", type=int, default=values["batch_size"])
     add("--epochs", type=int, default=values["epochs"])
     add("--max-length", type=int, default=values["max_length"],
@@ -140,6 +148,10 @@ def check_training_arguments(args):
             problems.append(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if args.loraplus_ratio is not None and args.loraplus_ratio <= 0:
         problems.append(f"--loraplus-ratio must be > 0 (got {args.loraplus_ratio})")
+    if args.weight_decay < 0:
+        problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
+    if args.clip_norm is not None and args.clip_norm <= 0:
+        problems.append(f"--clip-norm must be > 0 (got {args.clip_norm})")
     if not problems:  # then the adapter settings are valid but perhaps --init
         try:
             lora_config(args)
