@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from klora.training import adamw_with_warmup
-from klora.training.fine_tune import LinearWarmupDecay
+from klora.training.optimizer import LinearWarmupDecay
 
 
 @pytest.mark.parametrize("warmup, total", [(10, 100), (0, 7), (3, 3)])

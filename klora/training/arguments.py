@@ -14,6 +14,7 @@ import keras
 from klora.config import LoraConfig
 from klora.distribution import add_distribution_arguments
 from klora.speed.compile_cache import default_directory
+from klora.training.optimizer import SCHEDULES
 
 # Flags that may change when a run resumes: they do not change what is trained.
 RESUMABLE_CHANGES = {"output_dir", "patience", "distribution", "model_parallel",
@@ -52,7 +53,7 @@ def add_training_arguments(parser, **defaults):
     add("--loraplus-ratio", type=float, default=values.get("loraplus_ratio"),
         help="LoRA+: the B matrices learn this many times faster than the rest")
     add("--learning-rate", type=float, default=values["learning_rate"])
-    add("--schedule", choices=("cosine", "linear"), default="cosine",
+    add("--schedule", choices=SCHEDULES, default="cosine",
         help="decay after the 10%% warm-up (transformers' Trainer: linear)")
     add("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     add("--clip-norm", type=float, default=None,
