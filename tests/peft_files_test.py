@@ -1,5 +1,6 @@
 import json
 import os
+import warnings
 
 import keras
 import keras_hub
@@ -260,6 +261,8 @@ BAD_INPUTS = {
     "mica": (lambda d: edit_config(d, init_lora_weights="mica"), "trains only A"),
     "unknown_config_object": (lambda d: edit_config(d, future_config={"k": 1}),
                               "Unknown field"),
+    "unknown_field_zero": (lambda d: edit_config(d, future_scale=0), "Unknown field"),
+    "unknown_field_empty_text": (lambda d: edit_config(d, future_mode=""), "Unknown field"),
     "rank_mismatch": (lambda d: edit_tensors(d, lambda t: t) or edit_config(d, r=3),
                       "rank mismatch"),
     "other_config": (lambda d: edit_config(d, lora_alpha=7), "different saves"),
@@ -303,6 +306,24 @@ def test_fields_that_change_nothing_load(changes, saved):
     klora.load_adapter(model, directory)
     x = token_inputs(model)
     np.testing.assert_array_equal(outputs(model, x), outputs(reference, x))
+
+
+def test_partial_head_warns(tmp_path):
+    # PEFT's SEQ_CLS default saves a DistilBERT `classifier` but not `pre_classifier`:
+    # the file loads, and says which head layer keeps its untrained weights.
+    model, weights = trained("distil_bert", task=True)
+    klora.save_adapter(model, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        klora.load_adapter(fresh("distil_bert", weights, task=True), tmp_path)
+    assert not [w for w in caught if "restores the head" in str(w.message)]
+    edit_tensors(tmp_path, lambda t: {k: v for k, v in t.items() if "pre_classifier" not in k})
+    edit_config(tmp_path, modules_to_save=["classifier"])
+    loaded = fresh("distil_bert", weights, task=True)
+    with pytest.warns(UserWarning, match=r"not \['pre_classifier'\]"):
+        klora.load_adapter(loaded, tmp_path)
+    np.testing.assert_array_equal(to_numpy(loaded.get_layer("logits").kernel),
+                                  to_numpy(model.get_layer("logits").kernel))
 
 
 def test_other_architecture_or_width_rejected(saved, tmp_path):

@@ -47,6 +47,12 @@ BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora")
 OFF_VALUES = (None, False, {}, [])
 
 
+def _is_off(value):
+    """Whether an unknown field's value is a newer PEFT's default-off (`null`, `false`,
+    `{}`, `[]`); a number, even 0, is a setting klora cannot interpret."""
+    return value is None or value is False or (type(value) in (dict, list) and not value)
+
+
 def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
@@ -127,7 +133,7 @@ def read_config(filename):
     if not isinstance(config, dict):
         raise ValueError(f"'{filename}' must hold a JSON object.")
     unknown = {k: config[k] for k in sorted(set(config) - FREE_FIELDS - set(OFF_FIELDS))
-               if config[k] not in OFF_VALUES}
+               if not _is_off(config[k])}
     if unknown:
         raise ValueError(f"Unknown field(s) switched on in '{filename}': {unknown}. klora reads "
                          "PEFT LoRA configs (peft <= 0.22) and will not guess what they mean.")

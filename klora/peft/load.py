@@ -8,14 +8,15 @@ Everything is checked before anything is assigned: a bad file raises a
 import hashlib
 import json
 import os
+import warnings
 
 from klora.adapted_model import (adapt_model, adapter_names, check_adaptable, check_built,
                                  lora_class)
 from klora.config import DEFAULT_ADAPTER
 from klora.peft.config import module_config, read_config
 from klora.peft.match import check_head, check_lora, split_keys, tensor_key
-from klora.peft.names import architecture, architecture_of_module, peft_module_names, \
-    resolve_module
+from klora.peft.names import architecture, architecture_of_module, head_modules, \
+    peft_module_names, resolve_module
 from klora.peft.safetensors import read_safetensors
 from klora.peft.save import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
@@ -120,6 +121,14 @@ def plan_adapter(model, path):
     if problems:
         raise ValueError(f"Cannot load the adapter in '{path}' into model '{model.name}': "
                          + "; ".join(problems) + ".")
+    restored = {module for module, layer in names.items() if layer in heads}
+    missing = [m for m in head_modules(model) if m not in restored]
+    if restored and missing:  # e.g. PEFT's SEQ_CLS default saves a DistilBERT `classifier` only
+        warnings.warn(f"The adapter in '{path}' restores the head layer(s) {sorted(restored)} "
+                      f"but not {missing}: those keep model '{model.name}''s current "
+                      "(untrained) weights, so its outputs differ from the model the adapter "
+                      f"was trained with. Train with modules_to_save={head_modules(model)} "
+                      "to keep the whole head.", stacklevel=3)
     return lora, heads, raw, header.get("metadata") or {}
 
 

@@ -95,6 +95,12 @@ def task_type(model):
     return getattr(model, "peft_task_type", None) if is_task(model) else None
 
 
+def head_modules(model):
+    """The Hugging Face names of `model`'s task head layers (`[]` for a backbone or an
+    unknown task), e.g. `["pre_classifier", "classifier"]` for a DistilBERT text classifier."""
+    return list(_HEADS.get((architecture(model), task_type(model)), {}).values())
+
+
 def architecture_of_module(name):
     """The architecture a Hugging Face module name belongs to, or `None`."""
     if re.match(r"(bert\.)?(encoder\.layer\.\d+|pooler)\.", name):
