@@ -19,6 +19,8 @@ unless the method changes them), or PEFT + transformers `Trainer` runs:
 - `trainer-optimizer`: the recipe with `Trainer`'s optimization (linear decay, no weight
   decay, gradient clipping at 1.0); `random-batches`: with freely shuffled batches
   (`--batching random`) instead of batches grouped by length; `trainer-like`: both;
+  `clip-norm-1`, `linear-schedule`, `no-weight-decay`: one piece of it at a time
+  (`--clip-norm 1`, `--schedule linear`, `--weight-decay 0`);
 - `peft-qv8`: PEFT LoRA query/value r=8, alpha 16, dropout 0.1, lr 5e-4, 1 epoch, linear
   warm-up (10%) and decay, no weight decay, gradient clipping at 1.0, dynamic padding,
   MiniLM's own config (exact GELU), batch 32, `Trainer` defaults otherwise;
@@ -59,6 +61,8 @@ KLORA_METHODS = {
                   "--learning-rate", "5e-4", "--epochs", "1"],
     "trainer-optimizer": TRAINER_OPTIMIZER, "random-batches": ["--batching", "random"],
     "trainer-like": [*TRAINER_OPTIMIZER, "--batching", "random"],
+    "clip-norm-1": ["--clip-norm", "1"], "linear-schedule": ["--schedule", "linear"],
+    "no-weight-decay": ["--weight-decay", "0"],
 }
 PEFT_METHODS = ("peft-qv8", "peft-recipe", "peft-full")
 
