@@ -115,7 +115,7 @@ def test_predict_with_a_peft_made_adapter_names_the_missing_flags(tiny_preset, t
 
 
 @pytest.mark.parametrize("optimization", [
-    [], ["--schedule", "linear", "--weight-decay", "0", "--clip-norm", "1", "--batching", "random"]])
+    [], ["--schedule", "linear", "--weight-decay", "0", "--clip-norm", "0", "--batching", "random"]])
 def test_resume_after_interruption(tiny_bert_preset, tmp_path, monkeypatch, capsys, optimization):
     sentiment = recipe()
     args = train_args(tiny_bert_preset, tmp_path, "--patience", "10", *optimization)
@@ -162,12 +162,21 @@ def test_killed_process_resumes(tiny_bert_preset, tmp_path):
     assert len(json.loads((tmp_path / "history.json").read_text())["loss"]) == 20
 
 
+@pytest.mark.parametrize("extra, clip_norm", [([], 1.0), (["--clip-norm", "0"], None),
+                                              (["--clip-norm", "2.5"], 2.5)])
+def test_gradients_are_clipped_unless_switched_off(tiny_bert_preset, tmp_path, extra, clip_norm):
+    sentiment = recipe()
+    args = sentiment.parse_args(train_args(tiny_bert_preset, tmp_path, "--epochs", "1", *extra))
+    classifier, _, _ = sentiment.train(args)
+    assert classifier.optimizer.global_clipnorm == clip_norm
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--max-length", "100"], "exceeds the model's limit of 64"),
     (["--rank", "0"], "--rank must be >= 1"),
     (["--dropout", "1.5"], "--dropout"),
-    (["--clip-norm", "0", "--weight-decay", "-1"],
-     "--weight-decay must be >= 0 .*--clip-norm must be > 0"),
+    (["--clip-norm", "-1", "--weight-decay", "-1"],
+     "--weight-decay must be >= 0 .*--clip-norm must be >= 0"),
     (["--text-column", "sentence"], r"missing column\(s\) \['sentence'\]; the file has \['text', 'label'\]"),
 ])
 def test_bad_arguments_fail_before_training(tiny_bert_preset, tmp_path, capsys, extra, message):

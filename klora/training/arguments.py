@@ -56,8 +56,8 @@ def add_training_arguments(parser, **defaults):
     add("--schedule", choices=SCHEDULES, default="cosine",
         help="decay after the 10%% warm-up (transformers' Trainer: linear)")
     add("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
-    add("--clip-norm", type=float, default=None,
-        help="clip the gradients' global norm (transformers' Trainer: 1.0; default: off)")
+    add("--clip-norm", type=float, default=1.0,
+        help="clip the gradients' global norm to this (0: off; as transformers' Trainer)")
     add("--batching", choices=("by-length", "random"), default="by-length",
         help="by-length: each batch holds texts of one length bucket (least padding); "
              "random: freely shuffled batches padded to their longest text's bucket")
@@ -151,8 +151,8 @@ def check_training_arguments(args):
         problems.append(f"--loraplus-ratio must be > 0 (got {args.loraplus_ratio})")
     if args.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
-    if args.clip_norm is not None and args.clip_norm <= 0:
-        problems.append(f"--clip-norm must be > 0 (got {args.clip_norm})")
+    if args.clip_norm < 0:
+        problems.append(f"--clip-norm must be >= 0 (0: off; got {args.clip_norm})")
     if not problems:  # then the adapter settings are valid but perhaps --init
         try:
             lora_config(args)

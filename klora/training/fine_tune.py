@@ -70,7 +70,7 @@ def fine_tune(model, train_batches, args, loss, evaluate, metrics=(), monitor="v
         train_batches = train_batches.random_lengths()
     optimizer = adamw_with_warmup(args.learning_rate, len(train_batches) * args.epochs,
                                   weight_decay=args.weight_decay, schedule=args.schedule,
-                                  clip_norm=args.clip_norm)
+                                  clip_norm=args.clip_norm or None)
     if args.loraplus_ratio:
         optimizer = loraplus(optimizer, args.loraplus_ratio)
     model.compile(optimizer=optimizer, loss=loss, metrics=[*metrics, StepLoss(loss)])
