@@ -37,7 +37,6 @@ run it on an idle machine.
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -48,7 +47,8 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))
 DATA = os.environ.get("KLORA_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports Keras
 
-from bench.rounds import alternate, cpu_name, run_script, summarize, table, versions  # noqa: E402
+from bench.rounds import (check_methods, machine_record, measure, summarize, table,  # noqa: E402
+                          write_json)
 from bench.sst2_throughput import hf_step_timer, step_rates, time_recipe  # noqa: E402
 
 SOURCE = os.path.join("squad", "squad-v1.1-dev-articles-00-37.json")
@@ -182,8 +182,6 @@ def run_peft(rows, options, work):
 
 
 def main():
-    from klora.speed.tcmalloc import allocator
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--questions", type=int, default=600)
     parser.add_argument("--methods", default="klora,peft")
@@ -195,46 +193,33 @@ def main():
                                                        "qa_throughput.json"))
     options = parser.parse_args()
     methods = options.methods.split(",")
-    unknown = set(methods) - {"klora", "peft"}
-    if unknown or options.rounds < 1:
-        sys.exit(f"unknown method(s) {sorted(unknown)}; use klora and/or peft" if unknown
-                 else "--rounds must be at least 1")
+    check_methods(methods, options.rounds)
     source = os.path.abspath(os.path.join(DATA, SOURCE))
     if not os.path.exists(source):
         sys.exit(f"SQuAD not found at {source}; set KLORA_SHARED_DATA to the data folder.")
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; other processes skew "
-              "the timings")
-    if options.rounds == 1 and len(methods) == 1:  # one run, in this process
+    machine = machine_record()
+
+    def run_here(method):
         with tempfile.TemporaryDirectory(prefix="klora-qa-throughput-") as work:
             train, valid, rows = write_subset(source, work, options.questions)
-            run = run_klora(train, valid, options, work) if methods == ["klora"] else \
-                run_peft(rows, options, work)
-        rounds = {methods[0]: [run]}
-        print(f"{methods[0]}: {json.dumps(run)}", flush=True)
-    else:
-        common = ["--rounds", "1", "--questions", str(options.questions), "--batch-size",
-                  str(options.batch_size), "--max-length", str(options.max_length),
-                  "--seed", str(options.seed)]
-        rounds = alternate(methods, options.rounds, lambda method: run_script(
-            __file__, ["--methods", method, *common])["rounds"][method][0])
+            if method == "klora":
+                return run_klora(train, valid, options, work)
+            return run_peft(rows, options, work)
+
+    common = ["--questions", str(options.questions), "--batch-size", str(options.batch_size),
+              "--max-length", str(options.max_length), "--seed", str(options.seed)]
+    rounds = measure(__file__, methods, options.rounds, common, run_here)
     figures = summarize(rounds, [key for _, key, _ in ROWS],
                         ratio_keys=[key for _, key, _ in ROWS if key.endswith("per_s")])
     print(f"\nSQuAD, first {options.questions:,} questions, 1 epoch, LoRA all-linear r={RANK}, "
-          f"batch {options.batch_size}, length {options.max_length}, {os.cpu_count()} CPUs "
-          f"({cpu_name()}), {allocator()}, median (min-max) of {options.rounds} round(s)\n")
+          f"batch {options.batch_size}, length {options.max_length}, {machine['cpus']} CPUs "
+          f"({machine['processor']}), {machine['allocator']}, median (min-max) of "
+          f"{options.rounds} round(s)\n")
     print(table(figures, ROWS))
-    summary = {"questions": options.questions, "batch_size": options.batch_size,
-               "max_length": options.max_length, "seed": options.seed, "data": source,
-               "cpus": os.cpu_count(), "load_average_at_start": load,
-               "machine": platform.platform(), "processor": cpu_name(),
-               "allocator": allocator(), "versions": versions(), "rounds": rounds,
-               "median_min_max": figures}
-    os.makedirs(os.path.dirname(os.path.abspath(options.json)), exist_ok=True)
-    with open(options.json, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    print(f"\nwritten to {options.json}")
+    write_json(options.json, {"questions": options.questions, "batch_size": options.batch_size,
+                              "max_length": options.max_length, "seed": options.seed,
+                              "data": source, **machine, "rounds": rounds,
+                              "median_min_max": figures})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ A throughput benchmark runs each method (klora, PEFT, ...) in a fresh process,
 alternating them round after round, so machine drift hits every side alike;
 each round's klora / peer ratio pairs runs that ran back to back.
 
->>> rounds = alternate(["klora", "peft"], 3, lambda method: run_one(method))
+>>> rounds = measure(__file__, ["klora", "peft"], 3, ["--seed", "1"], run_here)
 >>> figures = summarize(rounds, ["examples_per_s"], pair=("klora", "peft"))
 >>> print(table(figures, [("examples/s", "examples_per_s", "{:.1f}")]))
 """
@@ -31,6 +31,47 @@ def alternate(methods, rounds, run):
         for method in methods if i % 2 == 0 else methods[::-1]:
             results[method].append(run(method))
     return results
+
+
+def check_methods(methods, rounds, known=("klora", "peft")):
+    """Exits with a message when `methods` names an unknown one or `rounds` < 1."""
+    unknown = set(methods) - set(known)
+    if unknown or rounds < 1:
+        sys.exit(f"unknown method(s) {sorted(unknown)}; use {' and/or '.join(known)}" if unknown
+                 else "--rounds must be at least 1")
+
+
+def measure(script, methods, rounds, common, run_here):
+    """`{method: [result per round]}`: `run_here(method)` in this process when one round of
+    one method is asked for, else `script --methods M --rounds 1 *common` in fresh processes,
+    alternating (`alternate`)."""
+    if rounds == 1 and len(methods) == 1:
+        run = run_here(methods[0])
+        print(f"{methods[0]}: {json.dumps(run)}", flush=True)
+        return {methods[0]: [run]}
+    return alternate(methods, rounds, lambda method: run_script(
+        script, ["--methods", method, "--rounds", "1", *common])["rounds"][method][0])
+
+
+def machine_record():
+    """What ran the benchmark, for its JSON: CPUs, load average, machine, allocator, versions.
+    Warns when the load average says other processes share the cores."""
+    from klora.speed.tcmalloc import allocator
+
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; other processes skew "
+              "the timings (torch's OpenMP threads slow down many-fold on busy cores)")
+    return {"cpus": os.cpu_count(), "load_average_at_start": load,
+            "machine": platform.platform(), "processor": cpu_name(), "allocator": allocator(),
+            "versions": versions()}
+
+
+def write_json(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    print(f"\nwritten to {path}")
 
 
 def run_script(script, args):
