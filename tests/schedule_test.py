@@ -1,12 +1,14 @@
 """The recipes' optimizer: AdamW with warm-up and cosine or linear (Trainer's) decay."""
 
+import keras
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from klora.speed.compile_cache import CompileTime
 from klora.training import adamw_with_warmup
-from klora.training.optimizer import LinearWarmupDecay
+from klora.training.optimizer import CosineWarmupDecay, LinearWarmupDecay
 
 
 @pytest.mark.parametrize("warmup, total", [(10, 100), (0, 7), (3, 3)])
@@ -36,3 +38,27 @@ def test_trainer_like_optimizer_settings_and_config_round_trip():
     assert default.global_clipnorm is None and default.weight_decay == 0.01
     with pytest.raises(ValueError, match="Unknown schedule 'step'"):
         adamw_with_warmup(5e-4, 200, schedule="step")
+
+
+@pytest.mark.parametrize("warmup, total", [(10, 100), (0, 7), (3, 3), (5, 6)])
+def test_cosine_schedule_matches_keras_cosine_decay(warmup, total):
+    reference = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(total - warmup, 1), warmup_target=1e-3, warmup_steps=warmup)
+    schedule = CosineWarmupDecay(1e-3, warmup, total)
+    steps = range(total + 3)
+    np.testing.assert_allclose([float(schedule(step)) for step in steps],
+                               [float(reference(step)) for step in steps], rtol=1e-6, atol=1e-10)
+    assert float(schedule(warmup // 2)) > 0 or warmup < 2
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="counts JAX compilations")
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_reading_the_learning_rate_does_not_compile_every_step(schedule):
+    optimizer = adamw_with_warmup(5e-4, 200, schedule=schedule)
+    optimizer.build([keras.Variable(np.zeros(2, "float32"))])
+    float(optimizer.learning_rate)  # the element-wise ops compile once
+    with CompileTime() as compiling:
+        for step in range(1, 6):
+            optimizer.iterations.assign(step * 30)
+            float(optimizer.learning_rate)
+    assert compiling.seconds < 0.05

@@ -1,7 +1,14 @@
 """The recipes' optimizer: AdamW with linear warm-up, then cosine or linear decay.
 
+Both schedules are element-wise formulas (`where`, no `cond`): the training history
+reads the learning rate outside the compiled step after every step, and on JAX an
+eager `cond` (as in `keras.optimizers.schedules.CosineDecay` with warm-up) traces and
+compiles a new program on every call, ~35 ms a step on 2 CPU cores.
+
 >>> optimizer = adamw_with_warmup(5e-4, total_steps=1000, schedule="linear", clip_norm=1.0)
 """
+
+import math
 
 import keras
 
@@ -31,6 +38,33 @@ class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps}
 
 
+@keras.saving.register_keras_serializable(package="klora")
+class CosineWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay
+    to 0 at `total_steps`: the values of `keras.optimizers.schedules.CosineDecay(0.0,
+    total_steps - warmup_steps, warmup_target=learning_rate, warmup_steps=warmup_steps)`.
+
+    >>> CosineWarmupDecay(1e-3, warmup_steps=10, total_steps=110)(60)  # 5e-4
+    """
+
+    def __init__(self, learning_rate, warmup_steps, total_steps):
+        self.learning_rate = learning_rate
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step):
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        step = keras.ops.minimum(keras.ops.cast(step, "float32"), self.warmup_steps + decay_steps)
+        warmup = step / max(self.warmup_steps, 1)
+        decayed = (step - self.warmup_steps) / decay_steps
+        cosine = 0.5 * (1.0 + keras.ops.cos(math.pi * decayed))
+        return self.learning_rate * keras.ops.where(step < self.warmup_steps, warmup, cosine)
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps}
+
+
 SCHEDULES = ("cosine", "linear")
 
 
@@ -45,10 +79,6 @@ def adamw_with_warmup(learning_rate, total_steps, warmup_fraction=0.1, weight_de
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}: expected one of {SCHEDULES}.")
     warmup = int(total_steps * warmup_fraction)
-    if schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=max(total_steps - warmup, 1),
-            warmup_target=learning_rate, warmup_steps=warmup)
-    else:
-        rate = LinearWarmupDecay(learning_rate, warmup, total_steps)
+    schedule_class = CosineWarmupDecay if schedule == "cosine" else LinearWarmupDecay
+    rate = schedule_class(learning_rate, warmup, total_steps)
     return keras.optimizers.AdamW(rate, weight_decay=weight_decay, global_clipnorm=clip_norm)
