@@ -13,18 +13,26 @@ import math
 import keras
 
 
-@keras.saving.register_keras_serializable(package="klora")
-class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then linear decay
-    to 0 at `total_steps` (transformers' `get_linear_schedule_with_warmup`).
-
-    >>> LinearWarmupDecay(1e-3, warmup_steps=10, total_steps=100)(55)  # 5e-4
-    """
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule set by its peak `learning_rate`, `warmup_steps` and `total_steps`."""
 
     def __init__(self, learning_rate, warmup_steps, total_steps):
         self.learning_rate = learning_rate
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps}
+
+
+@keras.saving.register_keras_serializable(package="klora")
+class LinearWarmupDecay(WarmupSchedule):
+    """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then linear decay
+    to 0 at `total_steps` (transformers' `get_linear_schedule_with_warmup`).
+
+    >>> LinearWarmupDecay(1e-3, warmup_steps=10, total_steps=100)(55)  # 5e-4
+    """
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
@@ -33,24 +41,15 @@ class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         fraction = keras.ops.where(step < self.warmup_steps, warmup, decay)
         return self.learning_rate * keras.ops.clip(fraction, 0.0, 1.0)
 
-    def get_config(self):
-        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps}
-
 
 @keras.saving.register_keras_serializable(package="klora")
-class CosineWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+class CosineWarmupDecay(WarmupSchedule):
     """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay
     to 0 at `total_steps`: the values of `keras.optimizers.schedules.CosineDecay(0.0,
     total_steps - warmup_steps, warmup_target=learning_rate, warmup_steps=warmup_steps)`.
 
     >>> CosineWarmupDecay(1e-3, warmup_steps=10, total_steps=110)(60)  # 5e-4
     """
-
-    def __init__(self, learning_rate, warmup_steps, total_steps):
-        self.learning_rate = learning_rate
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
 
     def __call__(self, step):
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
@@ -59,10 +58,6 @@ class CosineWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         decayed = (step - self.warmup_steps) / decay_steps
         cosine = 0.5 * (1.0 + keras.ops.cos(math.pi * decayed))
         return self.learning_rate * keras.ops.where(step < self.warmup_steps, warmup, cosine)
-
-    def get_config(self):
-        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps}
 
 
 SCHEDULES = ("cosine", "linear")
